@@ -7,10 +7,18 @@ warm-up on the easy part of the synthetic task family, then cached; nothing is e
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+
+from npo_engine.config import ModelConfig
 
 # Every character the synthetic tasks use. The order fixes the token ids, so it is part of the model's identity:
 # changing it must change DEMO_MODEL_VERSION.
@@ -59,3 +67,161 @@ def load_tokenizer(path: str | Path):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # left padding needs some pad id; it is always masked
     return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building the demo model: a seeded supervised warm-up on the easy part of the arithmetic task family.
+
+DEMO_MODEL_VERSION = 1
+"""Bump when the recipe below changes, so cached models built by an older recipe are rebuilt."""
+_SFT_LEVELS = (1, 2, 3)
+_SFT_LEVEL_WEIGHTS = (0.3, 0.5, 0.2)  # mostly easy problems, a taste of level 3 so RL has something to sharpen
+_SFT_BATCH = 128
+_SFT_LR = 3e-3
+_SFT_SEED = 1234
+
+
+def demo_cache_root(cfg_dir: str | None = None) -> Path:
+    """`model.demo_cache_dir`, else $NPO_CACHE_DIR, else ~/.cache/npo_engine."""
+    if cfg_dir:
+        return Path(cfg_dir).expanduser()
+    if os.environ.get("NPO_CACHE_DIR"):
+        return Path(os.environ["NPO_CACHE_DIR"]).expanduser()
+    return Path.home() / ".cache" / "npo_engine"
+
+
+def demo_model_key(sft_steps: int) -> str:
+    recipe = json.dumps([DEMO_MODEL_VERSION, DEMO_ALPHABET, _SFT_LEVELS, _SFT_LEVEL_WEIGHTS, _SFT_BATCH, _SFT_LR,
+                         _SFT_SEED, sft_steps, demo_model_config(len(DEMO_SPECIAL_TOKENS) + len(DEMO_ALPHABET))
+                         .to_json_string(use_diff=False)])
+    return f"demo-v{DEMO_MODEL_VERSION}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+
+
+def ensure_demo_model(cfg: ModelConfig, *, progress: bool = True) -> Path:
+    """The cached demo model directory, built first if missing (atomically: a killed build leaves no cache)."""
+    target = demo_cache_root(cfg.demo_cache_dir) / demo_model_key(cfg.demo_sft_steps)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        tokenizer = build_demo_tokenizer()
+        model = train_demo_model(tokenizer, cfg.demo_sft_steps, progress=progress)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # another process won the race: theirs is identical
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def train_demo_model(tokenizer: PreTrainedTokenizerFast, steps: int, *, progress: bool = True) -> torch.nn.Module:
+    """Seeded supervised warm-up of a fresh demo model on `prompt + answer + <eos>` (loss on the answer only).
+
+    Deterministic on a given machine and torch build: fixed seeds, and the thread count pinned while it runs.
+    """
+    from tqdm import tqdm
+    from transformers import Qwen2ForCausalLM
+
+    from npo_engine.data.synthetic import arithmetic_problems
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))  # reduction order depends on the thread count
+    try:
+        torch.manual_seed(_SFT_SEED)
+        model = Qwen2ForCausalLM(demo_model_config(len(tokenizer)))
+        problems = arithmetic_problems("train", 40_000, levels=_SFT_LEVELS, weights=_SFT_LEVEL_WEIGHTS,
+                                       seed=_SFT_SEED)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=_SFT_LR, betas=(0.9, 0.98), weight_decay=0.01)
+        warmup = 50
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / max(steps, 1)))
+        order = random.Random(_SFT_SEED)
+        bar = tqdm(range(steps), desc="building the demo model (supervised warm-up)", disable=not progress)
+        for _ in bar:
+            batch = order.sample(problems, _SFT_BATCH)
+            input_ids, loss_mask = _sft_tensors(tokenizer, [(p.prompt, p.answer) for p in batch])
+            logits = model(input_ids=input_ids).logits[:, :-1].float()
+            token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+            loss = (token_loss * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+def _sft_tensors(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [B, L] ids of prompt + answer + eos, and a [B, L] float mask over answer + eos tokens."""
+    rows, masks = [], []
+    for prompt, answer in pairs:
+        p = tokenizer(prompt)["input_ids"]
+        a = tokenizer(answer)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(p + a)
+        masks.append([0.0] * len(p) + [1.0] * len(a))
+    length = max(map(len, rows))
+    ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), length)
+    for i, (row, m) in enumerate(zip(rows, masks)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(m)] = torch.tensor(m)
+    return ids, mask
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainer's view of a causal LM: per-token log-probs of given targets, never the full [tokens, vocab] logits.
+
+
+class LogprobModel(torch.nn.Module):
+    """Wraps a Hugging Face causal LM so its forward returns the log-prob (and entropy) of each next token.
+
+    The LM head runs inside this module's forward through `npo_kernels.fused_linear_logprob`, so under FSDP2
+    (which shards this module at its root) the head's weight is unsharded exactly there, and a head tied to the
+    input embeddings keeps working. No [tokens, vocab] tensor is ever materialized.
+    """
+
+    def __init__(self, lm: torch.nn.Module, *, kernel_backend: str = "auto"):
+        super().__init__()
+        self.lm = lm
+        self.kernel_backend = kernel_backend
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor, *,
+                temperature: float = 1.0, return_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs of the tokens of `input_ids` selected by `target_mask`, each given the tokens before it.
+
+        Args:
+            input_ids: [B, L] right-padded token ids.
+            attention_mask: [B, L] 1 on real tokens.
+            target_mask: [B, L] bool, the positions whose token is scored (never position 0).
+            temperature: the sampling temperature; logits are divided by it.
+
+        Returns:
+            logp [B, L] fp32 (0 where not scored), entropy [B, L] fp32 of the predicting distribution or None.
+        """
+        from npo_kernels import fused_linear_logprob
+
+        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
+        # Position j is predicted from the hidden state at j - 1: score only the selected positions.
+        scored = target_mask[:, 1:]
+        rows = hidden[:, :-1][scored]  # [N, H]
+        targets = input_ids[:, 1:][scored]  # [N]
+        head = self.lm.get_output_embeddings()
+        out = fused_linear_logprob(rows, head.weight, targets, bias=head.bias, temperature=temperature,
+                                   return_entropy=return_entropy, backend=self.kernel_backend)
+        logp_rows, entropy_rows = out if return_entropy else (out, None)
+        logp = _scatter_rows(logp_rows, scored)
+        entropy = _scatter_rows(entropy_rows, scored) if return_entropy else None
+        return logp, entropy
+
+
+def _scatter_rows(rows: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """[N] values at the True positions of `scored` [B, L - 1] -> [B, L] fp32, zeros elsewhere (and in column 0)."""
+    full = torch.zeros(scored.shape, dtype=torch.float32, device=rows.device).masked_scatter(scored, rows.float())
+    return torch.nn.functional.pad(full, (1, 0))

@@ -1,0 +1,82 @@
+"""Public `group_advantages`: argument checks, then the Triton kernel (CUDA) or the vectorized PyTorch path.
+
+Not differentiable (advantages are constants of the policy-gradient loss), so there is no autograd here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+
+from .reference import ADVANTAGE_MODES, STATS_MODES, AdvantageMode, StatsMode, group_advantages_ref
+
+Backend = Literal["auto", "triton", "torch"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"group_advantages: {name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def _check_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, policy_id: torch.Tensor | None) -> None:
+    if rewards.dim() != 1 or not rewards.is_floating_point():
+        raise ValueError(f"group_advantages: rewards must be a 1-D float tensor [B], got shape "
+                         f"{tuple(rewards.shape)} dtype {rewards.dtype}")
+    for name, t in (("group_ids", group_ids), ("policy_id", policy_id)):
+        if t is None:
+            continue
+        if t.shape != rewards.shape or t.is_floating_point() or t.is_complex():
+            raise ValueError(f"group_advantages: {name} must be an integer tensor of shape "
+                             f"{tuple(rewards.shape)} (like rewards), got shape {tuple(t.shape)} "
+                             f"dtype {t.dtype}")
+        if t.device != rewards.device:
+            raise ValueError(f"group_advantages: {name} is on {t.device} but rewards on {rewards.device}")
+
+
+def _use_triton(backend: str, device: torch.device) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return device.type == "cuda"
+    # backend == "triton": CPU tensors only work under the Triton interpreter.
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("group_advantages: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
+                         f"(set before importing triton) for CPU tensors; got device {device}")
+    return True
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, mode: AdvantageMode = "grpo",
+                     eps: float = 1e-6, policy_id: torch.Tensor | None = None, stats: StatsMode = "all",
+                     backend: Backend = "auto") -> torch.Tensor:
+    """Group-relative advantages over arbitrary groups: [B] fp32.
+
+    Args:
+        rewards: [B] float, one scalar reward per sample.
+        group_ids: [B] int, samples with equal ids form a group; any order, any sizes, any values.
+        mode: "grpo" (r − mean) / (std + eps) with the unbiased std; "drgrpo" r − mean;
+            "rloo" r_i − mean of the other members. A group of one, or of equal rewards, gives 0.
+        eps: added to the std in "grpo".
+        policy_id: [B] int (0 on-policy, 1 guide) or None (all on-policy).
+        stats: "all" members feed the mean/std, or only "on_policy" ones (applied to the whole group; a group
+            with none uses all members; with fewer than 2 feeding members "grpo" scales by 1, and "rloo"
+            compares each member with the other on-policy members). See reference.py for the exact rules.
+        backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "triton", or "torch".
+
+    Returns:
+        advantages: [B] fp32 on rewards' device.
+    """
+    _check_choice("mode", mode, list(ADVANTAGE_MODES))
+    _check_choice("stats", stats, STATS_MODES)
+    _check_choice("backend", backend, BACKENDS)
+    if not eps >= 0:
+        raise ValueError(f"group_advantages: eps={eps!r} must be >= 0 (it is added to the group std)")
+    _check_inputs(rewards, group_ids, policy_id)
+    if _use_triton(backend, rewards.device):
+        from .triton import group_advantages_triton  # imported lazily: CPU-only installs may lack triton
+
+        return group_advantages_triton(rewards, group_ids, mode=mode, eps=eps, policy_id=policy_id,
+                                       stats=stats)
+    return group_advantages_ref(rewards, group_ids, mode=mode, eps=eps, policy_id=policy_id, stats=stats)

@@ -1,0 +1,349 @@
+"""Public `fused_linear_logprob`: argument checks, backend dispatch, custom ops and autograd.
+
+Layers, bottom up:
+    _chunked_fwd / _chunked_bwd          PyTorch over [rows, Vt] tiles with an online logsumexp (the CPU "auto"
+                                         path): the GEMM of each tile lands in one reused buffer
+    triton.fused_linear_logprob_fwd/_bwd cuBLAS GEMMs per tile + the selective_logprob Triton kernels (CUDA, or
+                                         CPU tensors under TRITON_INTERPRET=1)
+    npo_kernels::fused_linear_logprob_fwd / _bwd   torch.library custom ops around either, with fake impls
+    FusedLinearLogprobFunction           autograd: saves hidden, weight, bias (no copies) and per-row lse, mu
+    fused_linear_logprob                 validation and dispatch; backend="torch" is the reference itself
+
+No [N, V] tensor exists in the forward or the backward of the chunked and Triton paths: the backward
+recomputes each tile's logits from hidden and weight (4 GEMMs in all; kernels.md §4.2). It is a plain autograd
+Function over tensors, so a tied embedding (the same weight used elsewhere) and FSDP2 (which hands modules
+their unsharded weight during forward) need nothing special: autograd sums the weight's gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..logprob.op import (
+    BACKENDS,
+    Backend,
+    _compute_dtype,
+    check_targets,
+    check_temperature,
+    resolve_impl,
+)
+from .reference import fused_linear_logprob_ref
+from .triton import _logits_into, tile_shape
+
+__all__ = ["BACKENDS", "fused_linear_logprob"]
+
+# CPU tiles: 2^22 fp32 elements = 16 MB per buffer (a 2048 × 2048 tile at N ≥ 2048), near the L3, and GEMMs of
+# 2048 × 2048 × H still run at full BLAS speed. The tile's vocabulary width is kept ≥ 2048 so that each
+# weight slice is read once per token chunk, not once per handful of rows.
+_CPU_TILE_ELEMENTS = 1 << 22
+_CPU_MIN_VOCAB_TILE = 2048
+# GPU tiles: 2^28 elements = 512 MB of bf16 logits, a tenth of the [N, V] bf16 tensor at the target shape
+# (N = 16384, V = 151936), and GEMMs of ≥ 1766 rows (forward) or all 16384 rows (backward).
+_TRITON_TILE_ELEMENTS = 1 << 28
+# See logprob/op.py: exp(-1024) == 0 in fp32 and fp64, so clamping log-probs there only removes 0·(-inf).
+_LOGP_FLOOR = -1024.0
+
+
+# ---- Chunked PyTorch path ------------------------------------------------------------------------------------
+
+def _tile_logits(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                 temperature: float) -> torch.Tensor:
+    """z = (x @ w.T + b) / T into `out` [n, Vt] (fp32/fp64). The product is rounded to the inputs' dtype first,
+    as the reference's (and the model's) matmul is."""
+    if x.dtype == out.dtype:
+        _logits_into(out, x, w, b)
+    else:
+        out.copy_(x @ w.T if b is None else torch.addmm(b, x, w.T))
+    if temperature != 1.0:
+        out.div_(temperature)
+    return out
+
+
+def _chunked_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                 temperature: float, return_entropy: bool, tile_elements: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Online logsumexp over vocabulary tiles. Per row it keeps
+        m = max z,  l = Σ e^(z - m),  s = Σ e^(z - m)·(z - m)  (entropy only),  z_y (the target's logit)
+    and rescales l and s by e^(m_old - m_new) as m grows (kernels.md §2: entropy without extra exps).
+    Returns logp, entropy ([0] without it), lse, mu = Σp·z ([0] without entropy); [N] each.
+    """
+    num_rows = hidden.shape[0]
+    n_cols = weight.shape[0]
+    cdt = _compute_dtype(hidden.dtype)
+    rows, cols = tile_shape(num_rows, n_cols, tile_elements, _CPU_MIN_VOCAB_TILE)
+    vec = dict(dtype=cdt)
+    m = torch.full((num_rows,), float("-inf"), **vec)
+    l = torch.zeros(num_rows, **vec)
+    s = torch.zeros(num_rows, **vec)
+    z_y = torch.zeros(num_rows, **vec)
+    z_buf = torch.empty(rows * cols, **vec)
+    e_buf = torch.empty(rows * cols, **vec) if return_entropy else None
+    for v0 in range(0, n_cols, cols):
+        v1 = min(n_cols, v0 + cols)
+        vt = v1 - v0
+        w_v = weight[v0:v1]
+        b_v = None if bias is None else bias[v0:v1]
+        for r0 in range(0, num_rows, rows):
+            r1 = min(num_rows, r0 + rows)
+            n = r1 - r0
+            z = _tile_logits(z_buf[: n * vt].view(n, vt), hidden[r0:r1], w_v, b_v, temperature)
+            local = targets[r0:r1] - v0
+            inside = (local >= 0) & (local < vt)
+            picked = z.gather(1, local.clamp(0, vt - 1).unsqueeze(1)).squeeze(1)
+            z_y[r0:r1] = torch.where(inside, picked, z_y[r0:r1])
+
+            m_old, l_old = m[r0:r1], l[r0:r1]
+            m_new = torch.maximum(m_old, z.amax(dim=1))
+            # m_new = -inf only while every logit so far is -inf: shift by 0 then, not by -inf.
+            m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = torch.exp(m_old - m_safe)
+            d = z.sub_(m_safe.unsqueeze(1))
+            if return_entropy:
+                d.clamp_min_(_LOGP_FLOOR)
+                e = torch.exp(d, out=e_buf[: n * vt].view(n, vt))
+                s_tile = torch.bmm(e.view(n, 1, vt), d.view(n, vt, 1)).view(n)
+                # Move s from the old max to the new: e^(z-m_new)(z-m_new) = α·e^(z-m_old)·((z-m_old) + (m_old-m_new)).
+                # While l_old == 0, m_old is -inf and the shift term must be 0, not (-inf)·0.
+                shift = torch.where(l_old > 0, m_old - m_safe, 0.0) * l_old
+                s[r0:r1] = alpha * (s[r0:r1] + shift) + s_tile
+                l_tile = e.sum(dim=1)
+            else:
+                l_tile = d.exp_().sum(dim=1)
+            l[r0:r1] = alpha * l_old + l_tile
+            m[r0:r1] = m_new
+
+    valid = targets >= 0
+    m_safe = torch.where(m == float("-inf"), 0.0, m)
+    log_l = torch.log(l)
+    zero = m.new_zeros(())
+    # logp = (z_y - m) - log l: the max is subtracted before log l is, so a peaked row keeps its tiny logp.
+    logp = torch.where(valid, (z_y - m_safe) - log_l, zero)
+    lse = m_safe + log_l
+    if not return_entropy:
+        empty = m.new_empty(0)
+        return logp, empty, lse, empty.clone()
+    mean_shifted = s / l                              # Σp·(z - m)
+    entropy = torch.where(valid, log_l - mean_shifted, zero)
+    return logp, entropy, lse, m_safe + mean_shifted
+
+
+def _chunked_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                 lse: torch.Tensor, mu: torch.Tensor, dlogp: torch.Tensor | None, dentropy: torch.Tensor | None,
+                 temperature: float, needs_dx: bool, needs_dw: bool, needs_db: bool, tile_elements: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recompute each tile's logits and form dz in place:
+
+        dz_j = (1/T)·[g·1(j == y) - p_j·(a + b·lp_j)],  lp_j = z_j - lse,  a = g + g_H·(lse - mu),  b = g_H
+
+    (g·(onehot - p) - g_H·p_j·(z_j - Σp·z), kernels.md §2), then dX += dz @ W_t and dW_t += dz.T @ X_t. dX, dW and
+    db accumulate in fp32 (fp64 for fp64 inputs) across tiles and are cast once (kernels.md §2).
+    Returns (dhidden, dweight, dbias), each an empty [0] tensor when not needed.
+    """
+    num_rows, hidden_size = hidden.shape
+    n_cols = weight.shape[0]
+    cdt = _compute_dtype(hidden.dtype)
+    rows, cols = tile_shape(num_rows, n_cols, tile_elements, _CPU_MIN_VOCAB_TILE)
+    valid = targets >= 0
+    inv_t = 1.0 / temperature
+    zero = lse.new_zeros(())
+    g = torch.where(valid, dlogp.to(cdt), zero) if dlogp is not None else lse.new_zeros(num_rows)
+    coef_a = -inv_t * g
+    coef_b = None
+    if dentropy is not None:
+        g_h = torch.where(valid, dentropy.to(cdt), zero)
+        coef_a = -inv_t * (g + g_h * (lse - mu))
+        coef_b = (-inv_t * g_h).unsqueeze(1)
+    coef_a = coef_a.unsqueeze(1)
+    onehot_value = inv_t * g
+    # Ignored rows: lse = +inf makes p = e^(z - inf) = 0 and their coefficients are 0, so their dz is exactly 0
+    # without a separate pass (and without NaN from an all -inf row).
+    lse_col = torch.where(valid, lse, float("inf")).unsqueeze(1)
+
+    dx32 = torch.zeros(num_rows, hidden_size, dtype=cdt) if needs_dx else None
+    dw_direct = needs_dw and weight.dtype == cdt      # fp32 weights: accumulate straight into the gradient
+    dw = torch.empty_like(weight) if needs_dw else hidden.new_empty(0)
+    dw_acc = torch.empty(cols, hidden_size, dtype=cdt) if needs_dw and not dw_direct else None
+    db32 = torch.zeros(n_cols, dtype=cdt) if needs_db else None
+    z_buf = torch.empty(rows * cols, dtype=cdt)
+    tmp_buf = torch.empty(rows * cols, dtype=cdt) if dentropy is not None else None
+    for v0 in range(0, n_cols, cols):
+        v1 = min(n_cols, v0 + cols)
+        vt = v1 - v0
+        w_v = weight[v0:v1]
+        w_v_c = w_v.to(cdt)
+        b_v = None if bias is None else bias[v0:v1]
+        dw_v = (dw[v0:v1] if dw_direct else dw_acc[:vt]) if needs_dw else None
+        for r0 in range(0, num_rows, rows):
+            r1 = min(num_rows, r0 + rows)
+            n = r1 - r0
+            z = _tile_logits(z_buf[: n * vt].view(n, vt), hidden[r0:r1], w_v, b_v, temperature)
+            lp = z.sub_(lse_col[r0:r1])
+            if coef_b is not None:
+                lp.clamp_min_(_LOGP_FLOOR)
+                tmp = torch.addcmul(coef_a[r0:r1], lp, coef_b[r0:r1], out=tmp_buf[: n * vt].view(n, vt))
+                dz = lp.exp_().mul_(tmp)
+            else:
+                dz = lp.exp_().mul_(coef_a[r0:r1])
+            local = targets[r0:r1] - v0
+            inside = valid[r0:r1] & (local >= 0) & (local < vt)
+            dz.scatter_add_(1, local.clamp(0, vt - 1).unsqueeze(1),
+                            torch.where(inside, onehot_value[r0:r1], zero).unsqueeze(1))
+            x_c = hidden[r0:r1].to(cdt)
+            if needs_dx:
+                dx32[r0:r1].addmm_(dz, w_v_c)
+            if needs_dw:
+                if r0 == 0:
+                    torch.mm(dz.T, x_c, out=dw_v)
+                else:
+                    dw_v.addmm_(dz.T, x_c)
+            if needs_db:
+                db32[v0:v1] += dz.sum(dim=0)
+        if needs_dw and not dw_direct:
+            dw[v0:v1].copy_(dw_v)                           # the one cast of this slice of dW
+    # Distinct empty tensors for the gradients not needed: a custom op's outputs may not alias each other.
+    return (dx32.to(hidden.dtype) if needs_dx else hidden.new_empty(0), dw,
+            db32.to(bias.dtype) if needs_db else hidden.new_empty(0))
+
+
+# ---- Custom ops --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("npo_kernels::fused_linear_logprob_fwd", mutates_args=())
+def _fused_linear_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              targets: torch.Tensor, temperature: float, return_entropy: bool, impl: str,
+                              tile_elements: int
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns logp [N], entropy [N] (or [0]), lse [N], mu [N] (or [0]); the last two are for the backward."""
+    if impl == "triton":
+        from .triton import fused_linear_logprob_fwd
+
+        logp, entropy, lse, mu = fused_linear_logprob_fwd(hidden, weight, bias, targets, temperature=temperature,
+                                                          return_entropy=return_entropy,
+                                                          tile_elements=tile_elements)
+        if not return_entropy:
+            entropy, mu = logp.new_empty(0), logp.new_empty(0)
+        return logp, entropy, lse, mu
+    return _chunked_fwd(hidden, weight, bias, targets, temperature, return_entropy, tile_elements)
+
+
+@_fused_linear_logprob_fwd.register_fake
+def _(hidden, weight, bias, targets, temperature, return_entropy, impl, tile_elements):
+    num_rows = hidden.shape[0]
+    dt = _compute_dtype(hidden.dtype)
+    n_ent = num_rows if return_entropy else 0
+    return (hidden.new_empty(num_rows, dtype=dt), hidden.new_empty(n_ent, dtype=dt),
+            hidden.new_empty(num_rows, dtype=dt), hidden.new_empty(n_ent, dtype=dt))
+
+
+@torch.library.custom_op("npo_kernels::fused_linear_logprob_bwd", mutates_args=())
+def _fused_linear_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              targets: torch.Tensor, lse: torch.Tensor, mu: torch.Tensor,
+                              dlogp: torch.Tensor | None, dentropy: torch.Tensor | None, temperature: float,
+                              impl: str, tile_elements: int, needs_dx: bool, needs_dw: bool, needs_db: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dhidden, dweight, dbias); an empty [0] tensor for each gradient not needed."""
+    if impl == "triton":
+        from .triton import fused_linear_logprob_bwd
+
+        dx, dw, db = fused_linear_logprob_bwd(
+            hidden, weight, bias, targets, lse, mu if dentropy is not None else None,
+            None if dlogp is None else dlogp.float().contiguous(),
+            None if dentropy is None else dentropy.float().contiguous(),
+            temperature=temperature, needs_dx=needs_dx, needs_dw=needs_dw, needs_db=needs_db,
+            tile_elements=tile_elements)
+        return tuple(t if t is not None else hidden.new_empty(0) for t in (dx, dw, db))
+    return _chunked_bwd(hidden, weight, bias, targets, lse, mu, dlogp, dentropy, temperature, needs_dx,
+                        needs_dw, needs_db, tile_elements)
+
+
+@_fused_linear_logprob_bwd.register_fake
+def _(hidden, weight, bias, targets, lse, mu, dlogp, dentropy, temperature, impl, tile_elements, needs_dx,
+      needs_dw, needs_db):
+    return (torch.empty_like(hidden) if needs_dx else hidden.new_empty(0),
+            torch.empty_like(weight) if needs_dw else hidden.new_empty(0),
+            torch.empty_like(bias) if needs_db else hidden.new_empty(0))
+
+
+class FusedLinearLogprobFunction(torch.autograd.Function):
+    """Autograd over the two custom ops. Saves the inputs (no copies) and lse, mu [N]; never a logits tile."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, return_entropy, impl, tile_elements):
+        logp, entropy, lse, mu = torch.ops.npo_kernels.fused_linear_logprob_fwd(
+            hidden, weight, bias, targets, temperature, return_entropy, impl, tile_elements)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, mu)
+        ctx.temperature = temperature
+        ctx.impl = impl
+        ctx.tile_elements = tile_elements
+        ctx.set_materialize_grads(False)   # an unused entropy arrives as None: no entropy term in the backward
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, dlogp, dentropy):
+        needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+        if (dlogp is None and dentropy is None) or not (needs_dx or needs_dw or needs_db):
+            return (None,) * 8
+        hidden, weight, bias, targets, lse, mu = ctx.saved_tensors
+        dx, dw, db = torch.ops.npo_kernels.fused_linear_logprob_bwd(
+            hidden, weight, bias, targets, lse, mu, dlogp, dentropy, ctx.temperature, ctx.impl,
+            ctx.tile_elements, needs_dx, needs_dw, needs_db)
+        return (dx if needs_dx else None, dw if needs_dw else None, db if needs_db else None,
+                None, None, None, None, None)
+
+
+# ---- Public function -----------------------------------------------------------------------------------------
+
+def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    for name, t, dims in (("hidden", hidden, 2), ("weight", weight, 2)):
+        if not isinstance(t, torch.Tensor) or t.dim() != dims:
+            raise ValueError(f"{name} must be a {dims}-D tensor, got shape {list(getattr(t, 'shape', []))}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V, H] disagree on H: hidden {list(hidden.shape)}, "
+                         f"weight {list(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have V ≥ 1 rows, got V = 0")
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"hidden must be fp32, bf16 or fp16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight ({weight.dtype}) must have hidden's dtype ({hidden.dtype}); cast one, e.g. "
+                         "weight.to(hidden.dtype), as the model's own matmul would need")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {list(bias.shape)}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise ValueError(f"bias must match hidden's dtype and device ({hidden.dtype}, {hidden.device}), "
+                             f"got {bias.dtype}, {bias.device}")
+
+
+def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         bias: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False,
+                         backend: Backend = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`selective_logprob(hidden @ weight.T + bias, targets, ...)` without ever forming the [N, V] logits.
+
+    Args:
+        hidden: [N, H] fp32, bf16 or fp16 (fp64 on CPU), differentiable: the final hidden states.
+        weight: [V, H], hidden's dtype, differentiable: the lm_head weight or a tied embedding.
+        targets: [N] int64; a negative target marks an ignored row: logp = entropy = 0, zero gradient.
+        bias: [V] or None.
+        temperature: divides the logits before the softmax.
+        return_entropy: also return the entropy of softmax(logits / T), differentiable too.
+        backend: "auto" (Triton on CUDA tensors, the chunked PyTorch path on CPU), "triton" (CUDA, or CPU
+            tensors under TRITON_INTERPRET=1), or "torch" (the reference, which does form [N, V]).
+    Returns:
+        logp [N] fp32 (≤ 0), or (logp [N], entropy [N]) when return_entropy.
+
+    Example:
+        >>> logp = fused_linear_logprob(hidden_states, model.lm_head.weight, input_ids)
+    """
+    _check_inputs(hidden, weight, bias)
+    targets = check_targets(targets, hidden.shape[0], weight.shape[0], hidden.device)
+    temperature = check_temperature(temperature)
+    impl = resolve_impl(backend, hidden.device, hidden.dtype)
+    if impl == "torch":
+        return fused_linear_logprob_ref(hidden, weight, targets, bias=bias, temperature=temperature,
+                                        return_entropy=return_entropy)
+    tile_elements = _TRITON_TILE_ELEMENTS if impl == "triton" else _CPU_TILE_ELEMENTS
+    logp, entropy = FusedLinearLogprobFunction.apply(hidden, weight, bias, targets, temperature, return_entropy,
+                                                     impl, tile_elements)
+    return (logp, entropy) if return_entropy else logp

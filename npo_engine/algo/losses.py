@@ -1,0 +1,51 @@
+"""Policy losses as registry entries: each maps per-token log-probs of a (possibly mixed) batch to a loss.
+
+A new loss is a new function registered in `POLICY_LOSSES`, never a branch inside the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from npo_kernels import policy_loss
+
+from npo_engine.config import AlgoConfig
+
+
+class PolicyLossFn(Protocol):
+    def __call__(self, logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: torch.Tensor,
+                 mask: torch.Tensor, cfg: AlgoConfig, *, policy_id: torch.Tensor | None, norm_length: int,
+                 backend: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def ppo_clip(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+             cfg: AlgoConfig, *, policy_id: torch.Tensor | None = None, norm_length: int,
+             backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate with clip-low/high and optional dual clip, aggregated by `cfg.loss_agg`.
+
+    Args:
+        logp, behavior_logp, mask: [B, T]; advantages: [B] or [B, T]; policy_id: [B] (0 on-policy, 1 guide).
+        norm_length: the constant of seq-mean-token-sum-norm when `cfg.norm_length` is unset.
+
+    Returns:
+        (0-d loss, metrics of detached 0-d tensors: pg/clipfrac, pg/ppo_kl, ...).
+    """
+    return policy_loss(logp, behavior_logp, advantages, mask, policy_id=policy_id, clip_low=cfg.clip_low,
+                       clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, guide_transform="ppo",
+                       agg=cfg.loss_agg, norm_length=cfg.norm_length or norm_length, backend=backend)
+
+
+POLICY_LOSSES: dict[str, PolicyLossFn] = {"ppo": ppo_clip}
+
+
+def get_policy_loss(name: str) -> PolicyLossFn:
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"policy loss {name!r} is not registered; choose one of {sorted(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over `mask` (same shape); 0 when the mask is empty."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1)

@@ -1,0 +1,100 @@
+"""Config files, overrides, validation messages, and the CLI."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from npo_engine.config import ConfigError, TrainConfig, dump_config, field_docs, load_config
+from npo_engine import config as config_module
+
+
+def test_defaults_round_trip_through_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(TrainConfig()))
+    assert load_config(path) == TrainConfig()
+
+
+def test_file_then_overrides_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algo:\n  clip_high: 0.28\nrun:\n  steps: 7\n")
+    cfg = load_config(path, ["run.steps=9", "data.levels=[2,3]", "algo.dual_clip=3"])
+    assert cfg.algo.clip_high == 0.28 and cfg.run.steps == 9
+    assert cfg.data.levels == (2, 3) and cfg.algo.dual_clip == 3.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algo.clip_hgh=0.3", "did you mean algo.clip_high"),
+    ("algoo.clip_high=0.3", "did you mean algo"),
+    ("rollout.group_size=1", "rollout.group_size = 1 is invalid"),
+    ("optim.lr=-1", "optim.lr = -1.0 is invalid"),
+    ("algo.loss_agg=mean", "choose one of 'token-mean'"),
+    ("algo.dual_clip=0.5", "constant > 1"),
+    ("logging.progress=maybe", "use true or false"),
+    ("run.steps=1.5", "use an integer"),
+    ("algo=3", "algo"),
+    ("novalue", "section.key=value"),
+])
+def test_bad_values_name_field_value_and_fix(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algo: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_config_is_frozen():
+    cfg = TrainConfig()
+    with pytest.raises(Exception):
+        cfg.run.steps = 3
+
+
+def test_every_field_has_a_docstring():
+    for section in config_module.dataclasses.fields(TrainConfig):
+        cls = config_module._field_types(TrainConfig)[section.name]
+        docs = field_docs(cls)
+        missing = [f.name for f in config_module.dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    files = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+    assert files, "configs/ should ship ready configs"
+    for path in files:
+        load_config(path)
+
+
+def _npo(*args):
+    return subprocess.run([sys.executable, "-m", "npo_engine.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_print_config_applies_overrides():
+    result = _npo("train", "--print-config", "algo.clip_high=0.28", "run.steps=3")
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["algo"]["clip_high"] == 0.28 and printed["run"]["steps"] == 3
+
+
+def test_cli_help_lists_fields_with_docstrings():
+    for args in (["--help"], ["train", "--help"]):
+        result = _npo(*args)
+        assert result.returncode == 0
+        assert "algo.clip_high" in result.stdout and "DAPO's clip-higher" in result.stdout
+
+
+def test_cli_reports_config_errors_without_traceback():
+    result = _npo("train", "algo.clip_hig=0.3")
+    assert result.returncode == 2
+    assert "did you mean algo.clip_high" in result.stderr and "Traceback" not in result.stderr
