@@ -343,6 +343,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key} = {value!r} is invalid: use an integer")
         return value
     if annotation is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads `1e-6` (no dot) as a string
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} = {value!r} is invalid: use a number")
         return float(value)

@@ -75,8 +75,9 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     wrap(model, check_fn=lambda module: id(module) in blocks)
 
 
-def shard_model(model: nn.Module, d: Dist, *, param_dtype: torch.dtype | None) -> nn.Module:
-    """FSDP2: `fully_shard` each decoder block, then the root (embeddings, final norm, LM head, tied or not).
+def shard_model(model: nn.Module, blocks: list[nn.Module], d: Dist, *, param_dtype: torch.dtype | None) -> nn.Module:
+    """FSDP2: `fully_shard` each of `blocks` (the decoder layers inside `model`), then the root `model`, which
+    keeps the embeddings, final norm and LM head (tied or not) in one group.
 
     `param_dtype` enables mixed precision (e.g. bf16 compute, fp32 master weights and gradient reduction).
     Single process: the model is returned unchanged.
@@ -87,7 +88,7 @@ def shard_model(model: nn.Module, d: Dist, *, param_dtype: torch.dtype | None) -
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs = {"mp_policy": mp} if mp else {}
-    for block in decoder_layers(model):
+    for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model

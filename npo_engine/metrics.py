@@ -50,7 +50,8 @@ class MetricsLogger:
 
     Args:
         run_dir: the run directory (`runs/<name>`); created if missing.
-        total_steps: the run's last step + 1, for the progress bar and its ETA.
+        total_steps: the number of the run's last step, for the progress bar and its ETA. Steps are numbered
+            by the optimizer steps completed, so the first logged step is 1 and the bar stands at `step`.
         is_main: whether this process writes (rank 0); the others only keep the call sites uniform.
         tensorboard: also write TensorBoard scalars to `run_dir/tensorboard` (needs `tensorboard` installed).
         progress: show the progress bar and print events to the console.
@@ -90,10 +91,10 @@ class MetricsLogger:
         if tensorboard:
             self._tensorboard = _summary_writer(self.run_dir / TENSORBOARD_DIR, start_step)
         if self._console:
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=max(start_step - 1, 0), unit="step", dynamic_ncols=True)
 
     def log(self, step: int, metrics: Mapping[str, float | int | torch.Tensor]) -> None:
-        """Append `{"step", "time", **metrics}` to metrics.jsonl and advance the progress bar to `step + 1`.
+        """Append `{"step", "time", **metrics}` to metrics.jsonl and advance the progress bar to `step`.
 
         Args:
             metrics: slash-namespaced names (`reward/mean`, `loss/pg`) to numbers or one-element tensors.
@@ -116,7 +117,7 @@ class MetricsLogger:
             for name, label, fmt in _BAR_FIELDS:
                 if values.get(name) is not None:
                     self._bar_values[label] = fmt.format(values[name])
-            self._bar.update(max(0, step + 1 - self._bar.n))
+            self._bar.update(max(0, step - self._bar.n))
             ordered = {
                 label: self._bar_values[label] for _, label, _ in _BAR_FIELDS if label in self._bar_values
             }

@@ -29,6 +29,7 @@ from npo_engine.distributed import (
     apply_activation_checkpointing,
     barrier,
     broadcast_object,
+    decoder_layers,
     init_distributed,
     shard_model,
 )
@@ -113,8 +114,8 @@ class Trainer:
         self.ref_policy = self._frozen_reference(lm) if cfg.algo.kl_coef > 0 else None
         if cfg.model.activation_checkpointing:
             apply_activation_checkpointing(lm)
-        self.policy = shard_model(LogprobModel(lm, kernel_backend=cfg.kernels.backend), self.dist,
-                                  param_dtype=torch.bfloat16 if use_bf16 else None)
+        self.policy = shard_model(LogprobModel(lm, kernel_backend=cfg.kernels.backend), decoder_layers(lm),
+                                  self.dist, param_dtype=torch.bfloat16 if use_bf16 else None)
         self.policy_loss = algo.get_policy_loss("ppo")
 
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -138,7 +139,7 @@ class Trainer:
             self._resume()
         self.metrics = MetricsLogger(self.run_dir, total_steps=cfg.run.steps, is_main=self.dist.is_main,
                                      tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
-                                     start_step=self.step_index)
+                                     start_step=self.step_index + 1)  # metrics rows are numbered from 1
         if prompt_sets.skipped_rows:
             self.metrics.event("data_rows_skipped", count=prompt_sets.skipped_rows)
         self._sync_engine()
@@ -266,7 +267,7 @@ class Trainer:
         # Each micro-batch's loss is weighted by its share of the global normalizer (sequences or tokens,
         # summed over ranks), so the accumulated gradient equals that of the whole batch at once.
         units = self._loss_units(batch)
-        global_units = all_reduce_sum(units.sum().reshape(1)).clamp_min(1)
+        global_units = all_reduce_sum(units.sum().reshape(1)).clamp_min(1)[0]
         totals: dict[str, torch.Tensor] = {}
         self.optimizer.zero_grad(set_to_none=True)
         micro = cfg.optim.micro_batch_size

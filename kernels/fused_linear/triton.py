@@ -19,21 +19,10 @@ from __future__ import annotations
 import torch
 
 from ..logprob.triton import selective_logprob_bwd, selective_logprob_fwd
+from .op import logits_into, tile_shape
 
 # Preferred vocabulary width of a backward tile when N is too large to keep all rows in one tile.
 _MIN_VOCAB_TILE = 4096
-
-
-def tile_shape(num_rows: int, n_cols: int, tile_elements: int, min_vocab_tile: int) -> tuple[int, int]:
-    """(rows, cols) of a vocabulary-major tile with rows·cols ≤ tile_elements (at least 1×1).
-
-    All rows in one tile when a `min_vocab_tile`-wide tile of them fits, so that the dW GEMM sums over N
-    internally; otherwise token chunks of tile_elements / min_vocab_tile rows.
-    """
-    rows = min(num_rows, max(1, tile_elements // min(n_cols, min_vocab_tile)))
-    cols = min(n_cols, max(1, tile_elements // max(rows, 1)))
-    return rows, cols
-
 
 _MM_OUT_DTYPE: bool | None = None
 
@@ -64,12 +53,6 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.mm(a, b))
 
 
-def _logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    if b is None:
-        return torch.mm(x, w.T, out=out)
-    return torch.addmm(b, x, w.T, out=out)
-
-
 def fused_linear_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              targets: torch.Tensor, *, temperature: float, return_entropy: bool,
                              tile_elements: int
@@ -91,7 +74,7 @@ def fused_linear_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     z_buf = torch.empty(rows, n_cols, device=hidden.device, dtype=hidden.dtype)
     for r0 in range(0, num_rows, rows):
         r1 = min(num_rows, r0 + rows)
-        z = _logits_into(z_buf[: r1 - r0], hidden[r0:r1], weight, bias)
+        z = logits_into(z_buf[: r1 - r0], hidden[r0:r1], weight, bias)
         lp, ent, lse_c, mu_c = selective_logprob_fwd(z, targets[r0:r1], temperature=temperature,
                                                      return_entropy=return_entropy, save_mu=return_entropy)
         logp[r0:r1] = lp
@@ -138,7 +121,7 @@ def fused_linear_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: t
         for r0 in range(0, num_rows, rows):
             r1 = min(num_rows, r0 + rows)
             x = hidden[r0:r1]
-            z = _logits_into(z_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0), x, w_v, b_v)
+            z = logits_into(z_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0), x, w_v, b_v)
             # dz overwrites z in place: this buffer is ours, and each kernel program reads its block first.
             dz = selective_logprob_bwd(
                 z, targets[r0:r1], lse[r0:r1], None if mu is None else mu[r0:r1],

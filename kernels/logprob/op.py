@@ -80,7 +80,8 @@ def _chunked_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float
             lp.clamp_min_(_LOGP_FLOOR)
             # H = -Σ p·log p as a batched dot product: no [n, V] product temporary.
             entropy[r0:r1] = -torch.bmm(p.view(n, 1, n_cols), lp.view(n, n_cols, 1)).view(n)
-    mu = lse - entropy if return_entropy else entropy   # Σp·z = lse - H
+    # Σp·z = lse - H. Without entropy a distinct empty tensor: a custom op's outputs may not alias each other.
+    mu = lse - entropy if return_entropy else entropy.new_empty(0)
     zero = logp.new_zeros(())
     logp = torch.where(valid, logp, zero)
     if return_entropy:
@@ -248,8 +249,9 @@ def check_targets(targets: torch.Tensor, num_rows: int, n_cols: int, device: tor
         raise ValueError(f"targets must be int64 (or int32), got {targets.dtype}")
     if targets.device != device:
         raise ValueError(f"targets is on {targets.device} but the inputs are on {device}")
-    # Out-of-range targets are checked on CPU only: on CUDA the check would cost a host sync per call.
-    if device.type == "cpu" and num_rows and int(targets.max()) >= n_cols:
+    # Out-of-range targets are checked on CPU only: on CUDA the check would cost a host sync per call, and
+    # under torch.compile it would be a data-dependent branch.
+    if device.type == "cpu" and num_rows and not torch.compiler.is_compiling() and int(targets.max()) >= n_cols:
         raise ValueError(f"targets must be < V = {n_cols} (or negative to ignore a row), got {int(targets.max())}")
     return targets.to(torch.int64).contiguous()
 

@@ -1,24 +1,29 @@
-"""The embedded rollout backend: a pure-PyTorch batched sampler over any Hugging Face causal LM.
+"""The embedded rollout backend: a pure-PyTorch batched sampler with a KV cache over a Hugging Face causal LM.
 
-It drives the model's own `forward` (no `model.generate`), so the logits are exactly those of the HF model,
-and replaces everything around it with a short loop:
+No `model.generate`: a short loop around the model's own weights, with these choices:
 
-- **Left padding.** Prompts of a batch are right-aligned. Each row's position ids count from its first real
-  token, and pad keys are masked, so a padded prompt sees the same logits as the unpadded one.
-- **Preallocated KV cache.** `_PreallocatedCache` holds K/V buffers of shape `[B, H_kv, W + max_new_tokens, D]`
-  (`W` the widest prompt) filled in place; each step attends over the filled prefix only. The boolean key mask
-  is a buffer of the same width, so the 4D attention mask is a view, built once, never per step.
-- **Grouped K/V heads stay grouped.** The engine switches its model to `npo_embedded_sdpa`: HF's `sdpa` copies
-  every K/V head once per query head whenever a mask is given (`repeat_kv`), for the whole cache, in every layer
-  at every step; this one passes the grouped heads to `scaled_dot_product_attention(enable_gqa=True)`, the same
-  kernel on the same numbers.
-- **Last-position logits.** `logits_to_keep=1`: the LM head runs on one position per row, also in the prefill.
-- **Compaction.** Rows that stopped on EOS leave the batch (their cache rows too) once enough have stopped.
+- **Exact logits.** Llama-family models (`model_type` qwen2 or llama) run through `_LlamaFamilyForward`, a
+  transcription of HF's modeling code (same tensor ops, same order, the model's own weights) without HF's
+  per-call Python, which at decode batch sizes costs as much as the math. Other models run through their
+  own HF `forward`. Both give the logits of the HF forward on the unpadded sequence.
+- **Left padding.** A batch's prompts are right-aligned in the cache. Each row's position ids count from its
+  first real token and pad keys are masked, so a padded prompt sees the same logits as the unpadded one.
+- **Bucketed, deduplicated prefill.** Distinct prompts are prefilled once each (a GRPO group of n copies costs
+  one), in buckets of similar length so little compute goes to pads; each bucket's K/V land in its rows.
+- **Preallocated KV cache.** `_PreallocatedCache` holds K/V buffers `[B, H_kv, W + max_new_tokens, D]`
+  (`W` the widest prompt), written in place; a step attends over the filled prefix only. The additive key mask
+  is a buffer of the same width, so a step's attention mask is a view, never rebuilt.
+- **Grouped K/V heads stay grouped.** HF's `sdpa` path copies every K/V head once per query head whenever a
+  mask is given (`repeat_kv`), the whole cache in every layer at every step; here SDPA reads the grouped heads
+  itself (`enable_gqa=True`), the same kernel on the same numbers.
+- **Last-position logits.** The LM head runs on one position per row, also in the prefill.
+- **Compaction.** Rows that stopped on EOS leave the batch (with their cache rows) once enough have stopped.
 - **Sampling.** Temperature, then top-k, then top-p on the renormalized top-k distribution (the order of HF and
   vLLM), then one exponential race per row. Behaviour log-probs follow `base.py`: `log_softmax(logits / T)` in
   fp32, before truncation; with `temperature == 0`, the argmax and the untempered log-probs.
 
-Layers must all be full-attention (no sliding windows).
+Limits: full-attention layers only (no sliding windows); rows of one batch are sampled together, so a row's
+draw depends on the seed and on the batch it was in.
 
 Usage:
     engine = EmbeddedEngine(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -32,6 +37,7 @@ import time
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -41,6 +47,9 @@ from npo_engine.rollout.base import FinishReason, RolloutOutput, SamplingParams
 # Compact the batch once this fraction of its rows has stopped: each compaction copies the whole KV cache, so
 # doing it at every EOS would cost more than decoding a few dead rows.
 _COMPACT_WHEN_STOPPED = 0.25
+
+# Model types whose HF modeling code `_LlamaFamilyForward` transcribes (checked against transformers 5.19).
+_LLAMA_FAMILY = ("qwen2", "llama")
 
 # The prefill runs prompts in buckets of similar length, so at most this much of a bucket is padding. Smaller
 # buckets waste less compute on pads but each costs one more forward.
@@ -60,6 +69,8 @@ def _grouped_sdpa_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """HF's `sdpa` attention without `repeat_kv`: SDPA reads the grouped K/V heads itself.
+
+    Registered with HF as `npo_embedded_sdpa`, for models that run through their own forward.
 
     Args:
         query: [B, H_q, Q, D]; key, value: [B, H_kv, K, D]; attention_mask: [B, 1, Q, K], additive or
@@ -162,12 +173,173 @@ class _PreallocatedCache(Cache):
             layer.select_rows(rows)
 
 
+class _LlamaFamilyForward:
+    """A forward pass over an HF Llama-family causal LM (Qwen2, Llama), reading the model's own weights.
+
+    HF's modeling code written out, minus the per-module Python of `nn.Module.__call__`, HF's output wrappers
+    and its mask building, with these changes, all exact in fp32 arithmetic (results agree with HF's forward
+    to rounding, ~1e-7):
+
+    - q/k/v (and gate/up) run as one GEMM each: the modules' weights become row views of one fused tensor
+      (`_fuse_rows`), so there is no second copy and in-place weight updates land in the fused tensor;
+    - rotary cos/sin come from a table built once by the model's own rotary module, and q and k rotate together;
+    - at decode, attention is a grouped eager product (`_decode_attention`): with one query per row, SDPA's
+      blocked kernel costs more than the math;
+    - in the last layer of a prefill, only the last position goes past the K/V projection.
+    """
+
+    @staticmethod
+    def supports(model: torch.nn.Module) -> bool:
+        base = getattr(model, "model", None)
+        rotary = getattr(base, "rotary_emb", None)
+        if (
+            model.config.model_type not in _LLAMA_FAMILY
+            or not hasattr(model, "lm_head")
+            or not all(hasattr(base, name) for name in ("embed_tokens", "layers", "norm"))
+            # dynamic and long-context RoPE change their frequencies with the sequence length
+            or getattr(rotary, "rope_type", None) in (None, "dynamic", "longrope")
+        ):
+            return False
+        attn, mlp = base.layers[0].self_attn, base.layers[0].mlp
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            if len({lin.bias is None for lin in group}) != 1:  # fusing needs all biases or none
+                return False
+        return True
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._fused: list[dict[str, torch.Tensor | None]] = []
+        self._cos = self._sin = None  # (P, D): rotary table for positions [0, P)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """(Re)build the fused weights if a module's parameters no longer view them (e.g. after `model.to`)."""
+        layers = self.model.model.layers
+        if self._fused and all(
+            _views(lin.weight, fused["qkv_w"]) and _views(lin2.weight, fused["gate_up_w"])
+            for layer, fused in zip(layers, self._fused)
+            for lin, lin2 in [(layer.self_attn.v_proj, layer.mlp.up_proj)]
+        ):
+            return
+        self._fused = []
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv_w, qkv_b = _fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj])
+            gate_up_w, gate_up_b = _fuse_rows([mlp.gate_proj, mlp.up_proj])
+            self._fused.append({"qkv_w": qkv_w, "qkv_b": qkv_b, "gate_up_w": gate_up_w, "gate_up_b": gate_up_b})
+        self._cos = self._sin = None
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: _PreallocatedCache,
+    ) -> torch.Tensor:
+        """Logits of the last position, fp32: (B, V). Arguments as in `EmbeddedEngine._forward`."""
+        base = self.model.model
+        batch, q_len = input_ids.shape
+        last_layer = len(base.layers) - 1
+        hidden = F.embedding(input_ids, base.embed_tokens.weight)  # (B, Q, H)
+        cos, sin = self._rotary(position_ids, hidden.dtype)  # (B, 1, Q, D)
+        for i, (layer, fused) in enumerate(zip(base.layers, self._fused)):
+            attn, mlp = layer.self_attn, layer.mlp
+            heads_q = attn.config.num_attention_heads
+            heads_qk = heads_q + attn.config.num_key_value_heads
+            x = _rms_norm(hidden, layer.input_layernorm)
+            qkv = F.linear(x, fused["qkv_w"], fused["qkv_b"]).view(batch, q_len, -1, attn.head_dim).transpose(1, 2)
+            qk = qkv[:, :heads_qk]  # (B, H_q + H_kv, Q, D)
+            qk = (qk * cos) + (_rotate_half(qk) * sin)
+            q, (k, v) = qk[:, :heads_q], cache.update(qk[:, heads_q:], qkv[:, heads_qk:], i)
+            if i == last_layer and q_len > 1:
+                # Past the last layer's K/V, only the last position feeds the logits: drop the others.
+                q, hidden = q[:, :, -1:], hidden[:, -1:]
+                mask = None if mask is None else mask[:, :, -1:]  # one query: no causal masking left to do
+            if q.shape[2] == 1:
+                out = _decode_attention(q, k, v, mask, attn.scaling)  # (B, 1, H_q, D)
+            else:
+                out, _ = _grouped_sdpa_attention(attn, q, k, v, mask, scaling=attn.scaling)  # (B, Q, H_q, D)
+            hidden = hidden + _linear(out.reshape(batch, q.shape[2], -1), attn.o_proj)
+            x = _rms_norm(hidden, layer.post_attention_layernorm)
+            gate, up = F.linear(x, fused["gate_up_w"], fused["gate_up_b"]).chunk(2, dim=-1)
+            hidden = hidden + _linear(mlp.act_fn(gate) * up, mlp.down_proj)
+        return _linear(_rms_norm(hidden[:, -1], base.norm), self.model.lm_head).float()
+
+    def _rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for `position_ids` (B, Q), as HF's rotary module computes them: (B, 1, Q, D) each."""
+        needed = int(position_ids.max()) + 1
+        if self._cos is None or self._cos.shape[0] < needed or self._cos.dtype != dtype:
+            size = max(needed, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
+            positions = torch.arange(size, device=position_ids.device)[None]
+            probe = torch.empty(0, dtype=dtype, device=position_ids.device)  # HF reads only its dtype/device
+            cos, sin = self.model.model.rotary_emb(probe, positions)
+            self._cos, self._sin = cos[0], sin[0]
+        return self._cos[position_ids].unsqueeze(1), self._sin[position_ids].unsqueeze(1)
+
+
+def _fuse_rows(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack the weights (and biases) of linears that share an input into one tensor each, and make every
+    module's parameters views of their rows: (W [sum N_i, K], b [sum N_i] or None)."""
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+        row = 0
+        for lin in linears:
+            rows = slice(row, row + lin.weight.shape[0])
+            lin.weight.data = weight[rows]
+            if bias is not None:
+                lin.bias.data = bias[rows]
+            row = rows.stop
+    return weight, bias
+
+
+def _views(param: torch.Tensor, fused: torch.Tensor) -> bool:
+    return param.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+
+
+def _decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Attention of one query per row, each K/V head serving its group of G = H_q / H_kv query heads in place.
+
+    Args:
+        q: [B, H_q, 1, D]; k, v: [B, H_kv, K, D]; mask: additive [B, 1, 1, K] or None.
+    Returns:
+        [B, 1, H_q, D] (HF's layout).
+    """
+    batch, heads_q, _, dim = q.shape
+    heads_kv = k.shape[1]
+    scores = torch.matmul(q.reshape(batch, heads_kv, heads_q // heads_kv, dim), k.transpose(2, 3)) * scaling
+    if mask is not None:
+        scores = scores + mask  # (B, H_kv, G, K) + (B, 1, 1, K)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # fp32 softmax, as HF's eager path
+    return torch.matmul(probs, v).view(batch, 1, heads_q, dim)
+
+
+def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """HF's Llama/Qwen2 RMSNorm, op for op (fp32 statistics, weight applied in the input dtype)."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * x.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 class EmbeddedEngine:
     """A `RolloutEngine` holding its own full copy of an HF causal LM, sampling on the model's device.
 
     Args:
-        model: an HF causal LM (e.g. `Qwen2ForCausalLM`) that the engine owns: it is put in eval mode and
-            switched to the engine's attention implementation, so pass a copy if you keep using the original.
+        model: an HF causal LM (e.g. `Qwen2ForCausalLM`) that the engine owns: it is put in eval mode and, unless
+            it is Llama-family, switched to the `npo_embedded_sdpa` attention; pass a copy if you keep the original.
         eos_token_id: token(s) that end a completion; the EOS token is kept in the output.
         pad_token_id: id fed at left-pad positions (always masked, so any valid id works).
         max_batch_size: larger batches are split into chunks of this many prompts; None never splits.
@@ -192,8 +364,10 @@ class EmbeddedEngine:
                 f"EmbeddedEngine needs full-attention layers only, got layer types {sorted(set(layer_types))}; "
                 "disable sliding-window attention in the model config or use the vLLM backend"
             )
-        model.set_attn_implementation(_ATTENTION)
         self.model = model.eval()
+        self._fast_forward = _LlamaFamilyForward(model) if _LlamaFamilyForward.supports(model) else None
+        if self._fast_forward is None:
+            model.set_attn_implementation(_ATTENTION)
         self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
@@ -208,6 +382,8 @@ class EmbeddedEngine:
 
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> RolloutOutput:
         """Sample one completion per prompt, in prompt order (see `base.RolloutEngine.generate`)."""
+        if self._fast_forward is not None:
+            self._fast_forward.refresh()
         for i, prompt in enumerate(prompt_token_ids):
             if len(prompt) == 0:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. a BOS)")
@@ -248,22 +424,20 @@ class EmbeddedEngine:
 
         out_tokens = torch.zeros(batch, max_new, dtype=torch.long, device=device)
         out_logp = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
-        stop_step = torch.full((batch,), max_new, dtype=torch.long, device=device)  # step of each row's EOS
-        rows = torch.arange(batch, device=device)  # original index of each row still in the batch
+        rows = torch.arange(batch, device=device)  # (B',) original index of each row still in the batch
+        running = torch.ones(batch, dtype=torch.bool, device=device)  # (B',) no EOS yet
         next_position = lengths.clone()  # (B',) position id of the token fed next
         for step in range(max_new):
             token, logp = _sample(logits, params, generator)
             out_tokens[rows, step] = token
             out_logp[rows, step] = logp
-            hit_eos = torch.isin(token, self._eos) & (stop_step[rows] == max_new)
-            stop_step[rows[hit_eos]] = step
-            stopped = stop_step[rows] < max_new
-            num_stopped = int(stopped.sum())
-            if num_stopped == len(rows) or step == max_new - 1:
+            running &= ~torch.isin(token, self._eos)
+            num_running = int(running.sum())
+            if num_running == 0 or step == max_new - 1:
                 break
-            if num_stopped >= _COMPACT_WHEN_STOPPED * len(rows):
-                keep = (~stopped).nonzero().squeeze(1)
-                rows, token, next_position = rows[keep], token[keep], next_position[keep]
+            if num_running <= (1 - _COMPACT_WHEN_STOPPED) * len(rows):
+                keep = running.nonzero().squeeze(1)
+                rows, token, next_position, running = rows[keep], token[keep], next_position[keep], running[keep]
                 key_bias = key_bias[keep]
                 cache.select_rows(keep)
             column = width + step  # the cache column the fed token lands in
@@ -271,13 +445,14 @@ class EmbeddedEngine:
             logits = self._forward(token[:, None], decode_mask, next_position[:, None], cache)
             next_position += 1
 
-        # Rows that stopped early kept decoding until compaction; stop_step cuts those tokens off.
-        num_tokens = (stop_step + 1).clamp(max=max_new).tolist()
-        finished = (stop_step < max_new).tolist()
+        # A row ends at its first EOS; stopped rows kept decoding until compaction, and those tokens are cut.
+        is_eos = torch.isin(out_tokens, self._eos)  # (B, max_new)
+        stopped = is_eos.any(dim=1)
+        num_tokens = torch.where(stopped, is_eos.int().argmax(dim=1) + 1, max_new).tolist()
         out_tokens, out_logp = out_tokens.cpu(), out_logp.cpu()
         token_ids = [out_tokens[i, :n].tolist() for i, n in enumerate(num_tokens)]
         logprobs = [out_logp[i, :n].clone() for i, n in enumerate(num_tokens)]
-        reasons: list[FinishReason] = ["stop" if f else "length" for f in finished]
+        reasons: list[FinishReason] = ["stop" if s else "length" for s in stopped.tolist()]
         return token_ids, logprobs, reasons
 
     def _prefill(self, prompts: list[list[int]], width: int, cache: _PreallocatedCache) -> torch.Tensor:
@@ -301,8 +476,9 @@ class EmbeddedEngine:
             columns = torch.arange(bucket_width, device=device)
             position_ids = (columns[None, :] - pad[:, None]).clamp(min=0)  # (b, w): 0 at each first real token
             mask = None  # no padding in this bucket: plain causal attention
-            if int(pad.max()) > 0:
-                # Causal over real keys. A pad query also sees itself, so no row of the mask is all False
+            # HF's forward turns a missing mask into one of its own, from the cache's state, so it always gets one.
+            if int(pad.max()) > 0 or self._fast_forward is None:
+                # Causal over real keys. A pad query also sees itself, so no row of the mask is all -inf
                 # (sdpa would return NaN there).
                 causal = torch.ones(bucket_width, bucket_width, dtype=torch.bool, device=device).tril()
                 real_key = columns[None, :] >= pad[:, None]  # (b, w)
@@ -327,9 +503,11 @@ class EmbeddedEngine:
             input_ids, position_ids: (B, Q).
             mask: additive (B, 1, Q, K), 0 = may attend, -inf = masked; None = causal over the Q positions.
         """
+        if self._fast_forward is not None:
+            return self._fast_forward(input_ids, mask, position_ids, cache)
         out = self.model(
             input_ids=input_ids,
-            attention_mask={"full_attention": mask},  # a prepared mapping: HF skips building its own mask
+            attention_mask=mask,  # a 4D mask is used as given
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,

@@ -105,8 +105,8 @@ def test_events_are_written_and_printed(tmp_path, capsys):
 
 def test_progress_bar_shows_reward_accuracy_and_step_time(tmp_path, capsys):
     with MetricsLogger(tmp_path, total_steps=4) as logger:
-        logger.log(0, {"reward/mean": 0.5, "acc/train": 0.25, "acc/eval": 0.125, "time/step": 1.5})
-        logger.log(1, {"reward/mean": 0.75, "acc/train": 0.5, "time/step": 1.25})
+        logger.log(1, {"reward/mean": 0.5, "acc/train": 0.25, "acc/eval": 0.125, "time/step": 1.5})
+        logger.log(2, {"reward/mean": 0.75, "acc/train": 0.5, "time/step": 1.25})
     final = [refresh for refresh in capsys.readouterr().err.split("\r") if "reward=0.750" in refresh][-1]
     assert "2/4" in final and "acc=0.500" in final and "s/step=1.25" in final
     assert "eval=0.125" in final  # acc/eval is logged at eval steps only; the bar keeps the last value
