@@ -35,8 +35,8 @@ from npo_engine.rollout.embedded import EmbeddedEngine
 _RESULTS = Path(__file__).parent / "results"
 
 
-def make_prompts(tokenizer, num: int, *, min_len: int = 10, max_len: int = 20, seed: int = 0) -> list[list[int]]:
-    """Random digit strings of min_len..max_len characters, tokenized (one token per digit)."""
+def make_prompts(tokenizer, num: int, *, min_len: int = 10, max_len: int = 20, seed: int = 0):
+    """`num` random digit strings of min_len..max_len characters as token ids (one token per digit)."""
     gen = torch.Generator().manual_seed(seed)
     prompts = []
     for _ in range(num):
@@ -93,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sequences", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs of each side, alternating")
+    parser.add_argument("--repeats", type=int, default=9, help="timed runs of each side, alternating")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both sides")
     parser.add_argument("--no-write", action="store_true", help="print only; keep the committed results")
     args = parser.parse_args()
@@ -137,7 +137,8 @@ def main() -> None:
     )
     rows = [f"{'side':<14}{'tokens/s (median)':>20}{'min':>10}{'max':>10}{'tokens/CPU-s (median)':>24}"]
     for name, r in rates.items():
-        rows.append(f"{name:<14}{medians[name]:>20.0f}{min(r):>10.0f}{max(r):>10.0f}{cpu_medians[name]:>24.0f}")
+        cpu = cpu_medians[name]
+        rows.append(f"{name:<14}{medians[name]:>20.0f}{min(r):>10.0f}{max(r):>10.0f}{cpu:>24.0f}")
     rows.append(
         f"ratio embedded / hf_generate: {ratio:.2f}x wall-clock "
         f"(per-pair: min {min(pair_ratios):.2f}, median {statistics.median(pair_ratios):.2f}); "

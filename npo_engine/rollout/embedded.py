@@ -1,11 +1,12 @@
 """The embedded rollout backend: a pure-PyTorch batched sampler with a KV cache over a Hugging Face causal LM.
 
-No `model.generate`: a short loop around the model's own weights, with these choices:
+No `model.generate`: a short loop around the model's own weights. What it does differently, and why:
 
-- **Exact logits.** Llama-family models (`model_type` qwen2 or llama) run through `_LlamaFamilyForward`, a
-  transcription of HF's modeling code (same tensor ops, same order, the model's own weights) without HF's
-  per-call Python, which at decode batch sizes costs as much as the math. Other models run through their
-  own HF `forward`. Both give the logits of the HF forward on the unpadded sequence.
+- **Two forward paths, same logits.** Llama-family models (`model_type` qwen2 or llama) run through
+  `_LlamaFamilyForward`, HF's modeling code written out without its per-module Python, which at decode batch
+  sizes costs about as much as the math; it fuses q/k/v and gate/up into one GEMM each (the modules' weights
+  become views of the fused tensors, so there is still one copy). Any other causal LM runs through its own HF
+  `forward`. Nothing is approximated: both agree with one unpadded HF forward to fp32 rounding (~1e-7).
 - **Left padding.** A batch's prompts are right-aligned in the cache. Each row's position ids count from its
   first real token and pad keys are masked, so a padded prompt sees the same logits as the unpadded one.
 - **Bucketed, deduplicated prefill.** Distinct prompts are prefilled once each (a GRPO group of n copies costs
@@ -14,15 +15,16 @@ No `model.generate`: a short loop around the model's own weights, with these cho
   (`W` the widest prompt), written in place; a step attends over the filled prefix only. The additive key mask
   is a buffer of the same width, so a step's attention mask is a view, never rebuilt.
 - **Grouped K/V heads stay grouped.** HF's `sdpa` path copies every K/V head once per query head whenever a
-  mask is given (`repeat_kv`), the whole cache in every layer at every step; here SDPA reads the grouped heads
-  itself (`enable_gqa=True`), the same kernel on the same numbers.
-- **Last-position logits.** The LM head runs on one position per row, also in the prefill.
+  mask is given (`repeat_kv`): the whole cache, in every layer, at every step. Here each K/V head serves its
+  query heads in place (`enable_gqa=True` in the prefill, a grouped matmul at decode).
+- **Last-position logits.** The LM head (and, in a prefill, the last layer past its K/V) runs on one position
+  per row.
 - **Compaction.** Rows that stopped on EOS leave the batch (with their cache rows) once enough have stopped.
 - **Sampling.** Temperature, then top-k, then top-p on the renormalized top-k distribution (the order of HF and
   vLLM), then one exponential race per row. Behaviour log-probs follow `base.py`: `log_softmax(logits / T)` in
   fp32, before truncation; with `temperature == 0`, the argmax and the untempered log-probs.
 
-Limits: full-attention layers only (no sliding windows); rows of one batch are sampled together, so a row's
+Limits: full-attention layers only (no sliding windows). Rows of one batch are sampled together, so a row's
 draw depends on the seed and on the batch it was in.
 
 Usage:
@@ -34,7 +36,7 @@ Usage:
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +72,8 @@ def _grouped_sdpa_attention(
 ) -> tuple[torch.Tensor, None]:
     """HF's `sdpa` attention without `repeat_kv`: SDPA reads the grouped K/V heads itself.
 
-    Registered with HF as `npo_embedded_sdpa`, for models that run through their own forward.
+    Registered with HF as `npo_embedded_sdpa` for models that run through their own forward; the Llama-family
+    path calls it for prefills.
 
     Args:
         query: [B, H_q, Q, D]; key, value: [B, H_kv, K, D]; attention_mask: [B, 1, Q, K], additive or
@@ -200,34 +203,35 @@ class _LlamaFamilyForward:
             or getattr(rotary, "rope_type", None) in (None, "dynamic", "longrope")
         ):
             return False
-        attn, mlp = base.layers[0].self_attn, base.layers[0].mlp
-        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
-            if len({lin.bias is None for lin in group}) != 1:  # fusing needs all biases or none
-                return False
-        return True
+        return all(  # fusing needs all biases of a group or none
+            len({lin.bias is None for lin in linears}) == 1
+            for layer in base.layers
+            for linears in _fused_groups(layer).values()
+        )
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self._fused: list[dict[str, torch.Tensor | None]] = []
+        # Per layer: group name ("qkv", "gate_up") -> (W, b) of the fused linear.
+        self._fused: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = []
         self._cos = self._sin = None  # (P, D): rotary table for positions [0, P)
         self.refresh()
 
     def refresh(self) -> None:
-        """(Re)build the fused weights if a module's parameters no longer view them (e.g. after `model.to`)."""
+        """(Re)build the fused weights unless every module's parameters still view them (`model.to`, a
+        replaced parameter or `load_state_dict(assign=True)` swap in new storage)."""
         layers = self.model.model.layers
-        if self._fused and all(
-            _views(lin.weight, fused["qkv_w"]) and _views(lin2.weight, fused["gate_up_w"])
+        intact = len(self._fused) == len(layers) and all(
+            _views(lin.weight, fused[name][0]) and (lin.bias is None or _views(lin.bias, fused[name][1]))
             for layer, fused in zip(layers, self._fused)
-            for lin, lin2 in [(layer.self_attn.v_proj, layer.mlp.up_proj)]
-        ):
+            for name, linears in _fused_groups(layer).items()
+            for lin in linears
+        )
+        if intact:
             return
-        self._fused = []
-        for layer in layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv_w, qkv_b = _fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj])
-            gate_up_w, gate_up_b = _fuse_rows([mlp.gate_proj, mlp.up_proj])
-            self._fused.append({"qkv_w": qkv_w, "qkv_b": qkv_b, "gate_up_w": gate_up_w, "gate_up_b": gate_up_b})
-        self._cos = self._sin = None
+        self._fused = [
+            {name: _fuse_rows(linears) for name, linears in _fused_groups(layer).items()} for layer in layers
+        ]
+        self._cos = self._sin = None  # the device or dtype may have changed too
 
     def __call__(
         self,
@@ -244,12 +248,12 @@ class _LlamaFamilyForward:
         cos, sin = self._rotary(position_ids, hidden.dtype)  # (B, 1, Q, D)
         for i, (layer, fused) in enumerate(zip(base.layers, self._fused)):
             attn, mlp = layer.self_attn, layer.mlp
-            heads_q = attn.config.num_attention_heads
-            heads_qk = heads_q + attn.config.num_key_value_heads
+            heads_q = attn.q_proj.weight.shape[0] // attn.head_dim
+            heads_qk = heads_q + attn.k_proj.weight.shape[0] // attn.head_dim
             x = _rms_norm(hidden, layer.input_layernorm)
-            qkv = F.linear(x, fused["qkv_w"], fused["qkv_b"]).view(batch, q_len, -1, attn.head_dim).transpose(1, 2)
+            qkv = F.linear(x, *fused["qkv"]).view(batch, q_len, -1, attn.head_dim).transpose(1, 2)
             qk = qkv[:, :heads_qk]  # (B, H_q + H_kv, Q, D)
-            qk = (qk * cos) + (_rotate_half(qk) * sin)
+            qk = (qk * cos).add_(_rotate_half(qk).mul_(sin))
             q, (k, v) = qk[:, :heads_q], cache.update(qk[:, heads_q:], qkv[:, heads_qk:], i)
             if i == last_layer and q_len > 1:
                 # Past the last layer's K/V, only the last position feeds the logits: drop the others.
@@ -261,8 +265,8 @@ class _LlamaFamilyForward:
                 out, _ = _grouped_sdpa_attention(attn, q, k, v, mask, scaling=attn.scaling)  # (B, Q, H_q, D)
             hidden = hidden + _linear(out.reshape(batch, q.shape[2], -1), attn.o_proj)
             x = _rms_norm(hidden, layer.post_attention_layernorm)
-            gate, up = F.linear(x, fused["gate_up_w"], fused["gate_up_b"]).chunk(2, dim=-1)
-            hidden = hidden + _linear(mlp.act_fn(gate) * up, mlp.down_proj)
+            gate, up = F.linear(x, *fused["gate_up"]).chunk(2, dim=-1)
+            hidden += _linear(mlp.act_fn(gate).mul_(up), mlp.down_proj)
         return _linear(_rms_norm(hidden[:, -1], base.norm), self.model.lm_head).float()
 
     def _rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,6 +279,12 @@ class _LlamaFamilyForward:
             cos, sin = self.model.model.rotary_emb(probe, positions)
             self._cos, self._sin = cos[0], sin[0]
         return self._cos[position_ids].unsqueeze(1), self._sin[position_ids].unsqueeze(1)
+
+
+def _fused_groups(layer: torch.nn.Module) -> dict[str, list[torch.nn.Linear]]:
+    """The linears of a decoder layer that read the same input, in the order their outputs are split."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "gate_up": [mlp.gate_proj, mlp.up_proj]}
 
 
 def _fuse_rows(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -293,8 +303,9 @@ def _fuse_rows(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tens
     return weight, bias
 
 
-def _views(param: torch.Tensor, fused: torch.Tensor) -> bool:
-    return param.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+def _views(param: torch.Tensor, fused: torch.Tensor | None) -> bool:
+    """Whether `param` still lives in `fused`'s storage."""
+    return fused is not None and param.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
 
 
 def _decode_attention(
@@ -309,9 +320,9 @@ def _decode_attention(
     """
     batch, heads_q, _, dim = q.shape
     heads_kv = k.shape[1]
-    scores = torch.matmul(q.reshape(batch, heads_kv, heads_q // heads_kv, dim), k.transpose(2, 3)) * scaling
+    scores = torch.matmul(q.reshape(batch, heads_kv, heads_q // heads_kv, dim), k.transpose(2, 3)).mul_(scaling)
     if mask is not None:
-        scores = scores + mask  # (B, H_kv, G, K) + (B, 1, 1, K)
+        scores += mask  # (B, H_kv, G, K) + (B, 1, 1, K)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # fp32 softmax, as HF's eager path
     return torch.matmul(probs, v).view(batch, 1, heads_q, dim)
 
@@ -321,12 +332,12 @@ def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-    """HF's Llama/Qwen2 RMSNorm, op for op (fp32 statistics, weight applied in the input dtype)."""
+    """HF's Llama/Qwen2 RMSNorm (fp32 statistics, weight applied in the input dtype), updating temporaries in
+    place: [..., H] -> [..., H]."""
     dtype = x.dtype
     x = x.to(torch.float32)
-    variance = x.pow(2).mean(-1, keepdim=True)
-    x = x * torch.rsqrt(variance + norm.variance_epsilon)
-    return norm.weight * x.to(dtype)
+    inv_rms = x.pow(2).mean(-1, keepdim=True).add_(norm.variance_epsilon).rsqrt_()
+    return (x * inv_rms).to(dtype).mul_(norm.weight)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -397,7 +408,8 @@ class EmbeddedEngine:
         out = RolloutOutput(token_ids=[], logprobs=[], finish_reasons=[])
         with torch.inference_mode():
             for lo in range(0, len(prompt_token_ids), chunk):
-                tokens, logprobs, reasons = self._generate_batch(prompt_token_ids[lo : lo + chunk], params, generator)
+                chunk_prompts = prompt_token_ids[lo : lo + chunk]
+                tokens, logprobs, reasons = self._generate_batch(chunk_prompts, params, generator)
                 out.token_ids += tokens
                 out.logprobs += logprobs
                 out.finish_reasons += reasons
@@ -437,8 +449,8 @@ class EmbeddedEngine:
                 break
             if num_running <= (1 - _COMPACT_WHEN_STOPPED) * len(rows):
                 keep = running.nonzero().squeeze(1)
-                rows, token, next_position, running = rows[keep], token[keep], next_position[keep], running[keep]
-                key_bias = key_bias[keep]
+                rows, token, running = rows[keep], token[keep], running[keep]
+                next_position, key_bias = next_position[keep], key_bias[keep]
                 cache.select_rows(keep)
             column = width + step  # the cache column the fed token lands in
             decode_mask = key_bias[:, None, None, : column + 1]  # (B', 1, 1, column + 1), a view
@@ -468,23 +480,25 @@ class EmbeddedEngine:
         logits = None
         for bucket in _length_buckets(list(rows_of)):
             bucket_width = len(bucket[0])
-            pad = torch.tensor([bucket_width - len(p) for p in bucket], device=device)  # (b,)
-            input_ids = torch.tensor([[self.pad_token_id] * (bucket_width - len(p)) + list(p) for p in bucket])
+            pads = [bucket_width - len(p) for p in bucket]
+            padded = [[self.pad_token_id] * n + list(p) for n, p in zip(pads, bucket)]
+            input_ids = torch.tensor(padded, device=device)  # (b, w)
+            pad = torch.tensor(pads, device=device)  # (b,)
             src = torch.tensor([j for j, p in enumerate(bucket) for _ in rows_of[p]], device=device)
             dst = torch.tensor([row for p in bucket for row in rows_of[p]], device=device)
             cache.prefill_into(src, dst, column=width - bucket_width)
             columns = torch.arange(bucket_width, device=device)
-            position_ids = (columns[None, :] - pad[:, None]).clamp(min=0)  # (b, w): 0 at each first real token
+            position_ids = (columns[None, :] - pad[:, None]).clamp(min=0)  # (b, w): 0 at the first real token
             mask = None  # no padding in this bucket: plain causal attention
             # HF's forward turns a missing mask into one of its own, from the cache's state, so it always gets one.
-            if int(pad.max()) > 0 or self._fast_forward is None:
+            if max(pads) > 0 or self._fast_forward is None:
                 # Causal over real keys. A pad query also sees itself, so no row of the mask is all -inf
                 # (sdpa would return NaN there).
                 causal = torch.ones(bucket_width, bucket_width, dtype=torch.bool, device=device).tril()
                 real_key = columns[None, :] >= pad[:, None]  # (b, w)
                 eye = torch.eye(bucket_width, dtype=torch.bool, device=device)
                 mask = _mask_to_bias(((causal & real_key[:, None, :]) | eye)[:, None], self.model.dtype)
-            bucket_logits = self._forward(input_ids.to(device), mask, position_ids, cache)  # (b, V)
+            bucket_logits = self._forward(input_ids, mask, position_ids, cache)  # (b, V)
             if logits is None:
                 logits = bucket_logits.new_empty(len(prompts), bucket_logits.shape[-1])
             logits[dst] = bucket_logits.index_select(0, src)
@@ -545,9 +559,11 @@ class EmbeddedEngine:
 def _mask_to_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask (True = may attend) as an additive one: 0 or -inf, in the model's dtype.
 
-    CPU sdpa takes a float mask as it is but converts a boolean one on every call; the outputs are equal.
+    Additive because the decode attention adds it to the scores, and CPU sdpa takes a float mask as it is but
+    converts a boolean one on every call.
     """
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill_(~allowed, float("-inf"))
 
 
 def _length_buckets(prompts: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:

@@ -161,13 +161,23 @@ def test_matches_reference_one_tile_of_rows(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_real_vocabulary(impl):
-    """V = 151936 with the default tiles: the vocabulary tail of the real model, three rows."""
+    """V = 151936 with the default tiles: the vocabulary tail of the real model, three rows.
+
+    dhidden sums 151936 terms: fp32 summation order alone moves it by ~1e-5 (the reference's one GEMM is no
+    more exact than our tiles), so the check is an error budget against a float64 truth: our error at most
+    twice the fp32 reference's, plus 1e-6.
+    """
     hidden, weight, bias, targets = make_case(3, 8, 151936, bias=False, seed=5, ignore_every=0)
     g = torch.randn(3, generator=torch.Generator().manual_seed(6))
+    truth = outputs_and_grads(fused_linear_logprob_ref, hidden.double(), weight.double(), None, targets,
+                              g.double(), g.double(), temperature=1.3)
     ref = outputs_and_grads(fused_linear_logprob_ref, hidden, weight, None, targets, g, g, temperature=1.3)
     out = outputs_and_grads(lambda *a, **k: run_impl(impl, *a, **k), hidden, weight, None, targets, g, g,
                             temperature=1.3)
-    assert_all_close(impl, ref, out)
+    for name, t_, r_, o_ in zip(("logp", "entropy", "dhidden", "dweight"), truth, ref, out):
+        err_ref = float((r_.double() - t_).abs().max())
+        err_out = float((o_.double() - t_).abs().max())
+        assert err_out <= 2 * err_ref + 1e-6, f"{impl}/{name}: error {err_out:.2e} vs fp32 reference {err_ref:.2e}"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -237,16 +247,20 @@ def test_frozen_weight_and_ignored_batch(impl, small_tiles):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fp16_inputs(impl, small_tiles):
-    """fp16 GEMMs as the reference's, fp32 softmax math, fp16 gradients (cast once)."""
+    """fp16 inputs, fp32 softmax math, fp16 gradients cast once. Error budget (kernels.md §7, CCE's fp16 tol
+    1e-3): against a float64 truth on the same fp16 inputs, our error is at most the fp16 reference's + 1e-3
+    (the reference rounds dlogits to fp16 before its GEMMs; the chunked path does not, so it is tighter)."""
     hidden, weight, bias, targets = make_case(10, 16, 300, dtype=torch.float16, seed=12)
     g = torch.randn(10, generator=torch.Generator().manual_seed(13))
+    truth = outputs_and_grads(fused_linear_logprob_ref, hidden.double(), weight.double(), bias.double(), targets,
+                              g.double(), g.double())
     ref = outputs_and_grads(fused_linear_logprob_ref, hidden, weight, bias, targets, g, g)
     out = outputs_and_grads(lambda *a, **k: run_impl(impl, *a, **k), hidden, weight, bias, targets, g, g)
-    assert out[2].dtype == torch.float16 and out[3].dtype == torch.float16
-    assert_close(f"{impl}/logp", ref[0], out[0], torch.float16)
-    assert_close(f"{impl}/entropy", ref[1], out[1], torch.float16)
-    for name, expected, actual in zip(GRAD_NAMES, ref[2:], out[2:]):
-        assert_close(f"{impl}/{name}", expected, actual, torch.float16)
+    assert out[2].dtype == torch.float16 and out[3].dtype == torch.float16 and out[4].dtype == torch.float16
+    for name, t_, r_, o_ in zip(("logp", "entropy") + GRAD_NAMES, truth, ref, out):
+        err_ref = float((r_.double() - t_).abs().max())
+        err_out = float((o_.double() - t_).abs().max())
+        assert err_out <= err_ref + 1e-3, f"{impl}/{name}: error {err_out:.2e} vs fp16 reference {err_ref:.2e}"
 
 
 def test_no_n_by_v_allocation_on_cpu(monkeypatch):
