@@ -1,10 +1,11 @@
-"""Inputs and providers shared by the selective_logprob / fused_linear_logprob benchmarks and by the memory probe
-(`_memory.py` rebuilds a case in a fresh process from its name, so everything here is importable and
+"""Inputs and providers shared by the selective_logprob / fused_linear_logprob benchmarks and by the memory
+probe (`_memory.py` rebuilds a case in a fresh process from its name, so everything here is importable and
 deterministic).
 
 Shapes (N tokens, V vocab, H hidden):
     CPU:        selective N = 2048, V = 151936, fp32;  fused N = 2048, H = 1024, V = 151936, fp32
-    CUDA:       selective N = 16384, V = 151936, bf16; fused N = 16384, H = 4096, V = 151936, bf16 (kernels.md)
+    CUDA:       selective N = 16384, V = 151936, bf16; fused N = 16384, H = 4096, V = 151936, bf16
+    (kernels.md)
     smoke:      NPO_GPU_SMOKE=1 shrinks both to a few rows so benchmarks/gpu/run.sh can be dry-run on CPU.
 
 Providers (each returns a function `run(mode)` that does the timed work for mode fwd / bwd / fwd+bwd):
@@ -119,7 +120,7 @@ def row_loop_logprob(logits: torch.Tensor, targets: torch.Tensor, seq_len: int) 
 
 
 def chunked_torch_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Row chunks, each recomputed in the backward (checkpoint), so only one chunk's fp32 log-softmax lives."""
+    """Row chunks, each recomputed in the backward (checkpoint): one fp32 log-softmax chunk at a time."""
     parts = [checkpoint(naive_logprob, lg, t, use_reentrant=False)
              for lg, t in zip(logits.split(_CHUNK_ROWS), targets.split(_CHUNK_ROWS))]
     return torch.cat(parts)
@@ -175,7 +176,8 @@ def logprob_forward(provider: str, shape: Shape):
     adv = torch.randn(num_seqs, device=DEVICE).repeat_interleave(shape.seq_len)
 
     if provider == "npo":
-        return (leaf, targets), lambda x, t: ppo_token_loss(selective_logprob(x, t, temperature=TEMPERATURE), adv)
+        return (leaf, targets), lambda x, t: ppo_token_loss(
+            selective_logprob(x, t, temperature=TEMPERATURE), adv)
     if provider == "naive":
         return (leaf, targets), lambda x, t: ppo_token_loss(naive_logprob(x, t), adv)
     if provider == "row_loop":
@@ -189,8 +191,9 @@ def logprob_forward(provider: str, shape: Shape):
         seq_adv = adv.view(num_seqs, shape.seq_len)[:, 0].contiguous()
 
         def liger_grpo(x, t):
-            out = fn(x.view(num_seqs, shape.seq_len + 1, shape.n_cols), None, None, t.view(num_seqs, shape.seq_len),
-                     seq_adv, temperature=TEMPERATURE, beta=0.0, eps_low=0.2, eps_high=0.2, inplace=False)
+            out = fn(x.view(num_seqs, shape.seq_len + 1, shape.n_cols), None, None,
+                     t.view(num_seqs, shape.seq_len), seq_adv, temperature=TEMPERATURE, beta=0.0,
+                     eps_low=0.2, eps_high=0.2, inplace=False)
             loss = out[0] if isinstance(out, tuple) else out
             return loss.mean()
         return (leaf, targets), liger_grpo
@@ -210,7 +213,8 @@ def fused_forward(provider: str, shape: Shape):
     adv = torch.randn(num_seqs, device=DEVICE).repeat_interleave(shape.seq_len)
     inputs = (hidden, weight, targets)
     if provider == "npo":
-        return inputs, lambda h, w, t: ppo_token_loss(fused_linear_logprob(h, w, t, temperature=TEMPERATURE), adv)
+        return inputs, lambda h, w, t: ppo_token_loss(
+            fused_linear_logprob(h, w, t, temperature=TEMPERATURE), adv)
     if provider == "naive":
         return inputs, lambda h, w, t: ppo_token_loss(naive_fused(h, w, t), adv)
     if provider == "chunked_torch":
@@ -221,7 +225,8 @@ def fused_forward(provider: str, shape: Shape):
         mask = torch.ones(num_seqs, shape.seq_len, device=DEVICE)
 
         def liger_flgrpo(h, w, t):
-            out = loss_mod(h.view(num_seqs, shape.seq_len, -1), w, t.view(num_seqs, shape.seq_len), mask, seq_adv)
+            out = loss_mod(h.view(num_seqs, shape.seq_len, -1), w, t.view(num_seqs, shape.seq_len), mask,
+                           seq_adv)
             return out[0] if isinstance(out, tuple) else out
         return inputs, liger_flgrpo
     raise ValueError(f"unknown provider {provider!r}")
@@ -259,7 +264,35 @@ def runner(op: str, provider: str, shape: Shape):
     return {"fwd": (fwd, None), "bwd": (bwd, bwd_setup), "fwd+bwd": (fwd_bwd, None)}
 
 
-# ---- The shared benchmark body ------------------------------------------------------------------------------
+# ---- Suites: what each benchmark file parametrizes (also run without pytest by benchmarks/_shim.py) --------
+
+SUITES = {
+    "selective_logprob": {
+        "providers": (["naive", "row_loop", "chunked_torch", "npo"]
+                      + (["liger_grpo", "liger_ce"] if HAS_CUDA else [])),
+        "shape": logprob_shape,
+        # (rounds, warm-up rounds): one CPU fwd+bwd takes seconds, one CUDA call milliseconds.
+        "rounds": (3, 1) if SMOKE else ((20, 2) if HAS_CUDA else (3, 1)),
+    },
+    "fused_linear_logprob": {
+        "providers": ["naive", "chunked_torch", "npo"] + (["liger_flgrpo"] if HAS_CUDA else []),
+        "shape": fused_shape,
+        # One CPU fwd+bwd takes about a minute: 2 rounds, no warm-up (the memory probe warms up on its own).
+        "rounds": (3, 1) if SMOKE else ((5, 1) if HAS_CUDA else (2, 0)),
+    },
+}
+MODES = ["fwd", "bwd", "fwd+bwd"]
+
+
+def run_suite_case(benchmark, op: str, mode: str, provider: str) -> None:
+    """The body of every parametrized benchmark: peak memory for fwd+bwd on CPU (a subprocess per case), for
+    every mode on CUDA (in-process and cheap)."""
+    rounds, warmup = SUITES[op]["rounds"]
+    bench_case(benchmark, op, provider, mode, SUITES[op]["shape"](), rounds=rounds, warmup=warmup,
+               measure_memory=HAS_CUDA or mode == "fwd+bwd")
+
+
+# ---- The shared benchmark body -----------------------------------------------------------------------------
 
 # H100 SXM limits (kernels.md §4): HBM bandwidth and dense bf16 tensor-core throughput.
 H100_BW = 3.35e12
@@ -286,8 +319,6 @@ def bench_case(benchmark, op: str, provider: str, mode: str, shape: Shape, *, ro
     """Time one (op, provider, mode) with pytest-benchmark and record throughput and peak memory."""
     import gc
 
-    import pytest
-
     from benchmarks._memory import peak_extra_bytes
 
     gc.collect()
@@ -296,6 +327,10 @@ def bench_case(benchmark, op: str, provider: str, mode: str, shape: Shape, *, ro
     try:
         fn, setup = runner(op, provider, shape)[mode]
     except Unavailable as exc:
+        try:
+            import pytest
+        except ImportError:     # the pytest-free runner (benchmarks/_shim.py) reports the reason itself
+            raise exc from None
         pytest.skip(str(exc))
     benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
     del fn, setup

@@ -1,4 +1,4 @@
-"""Peak extra memory of one benchmark case: the most memory the timed call holds beyond what was live before it.
+"""Peak extra memory of one benchmark case: the most memory the timed call holds beyond what was live before.
 
 CUDA: in-process, `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus the memory
 allocated just before the call (inputs, weights and, for "bwd", the saved graph are all excluded).

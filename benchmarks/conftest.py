@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -27,6 +28,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@pytest.hookimpl(optionalhook=True)   # optional: the plugin may be absent (benchmarks/_shim.py stands in)
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Name the device and the software in the JSON header (report.py prints it above the table)."""
     try:

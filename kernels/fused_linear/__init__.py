@@ -1,4 +1,4 @@
-"""Selective log-prob (and entropy) fused with the LM head: hidden [N, H] and weight [V, H] in, no [N, V] out."""
+"""Selective log-prob (and entropy) fused with the LM head: hidden [N, H], weight [V, H]; no [N, V] made."""
 
 from .op import fused_linear_logprob
 from .reference import fused_linear_logprob_ref

@@ -1,9 +1,11 @@
 """Public `fused_linear_logprob`: argument checks, backend dispatch, custom ops and autograd.
 
 Layers, bottom up:
-    _chunked_fwd / _chunked_bwd          PyTorch over [rows, Vt] tiles with an online logsumexp (the CPU "auto"
+    _chunked_fwd / _chunked_bwd          PyTorch over [rows, Vt] tiles with an online logsumexp (the CPU
+    "auto"
                                          path): the GEMM of each tile lands in one reused buffer
-    triton.fused_linear_logprob_fwd/_bwd cuBLAS GEMMs per tile + the selective_logprob Triton kernels (CUDA, or
+    triton.fused_linear_logprob_fwd/_bwd cuBLAS GEMMs per tile + the selective_logprob Triton kernels (CUDA,
+    or
                                          CPU tensors under TRITON_INTERPRET=1)
     npo_kernels::fused_linear_logprob_fwd / _bwd   torch.library custom ops around either, with fake impls
     FusedLinearLogprobFunction           autograd: saves hidden, weight, bias (no copies) and per-row lse, mu
@@ -59,7 +61,7 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
 
-# ---- Tiling helpers (shared with triton.py) ------------------------------------------------------------------
+# ---- Tiling helpers (shared with triton.py) ----------------------------------------------------------------
 
 def tile_shape(num_rows: int, n_cols: int, tile_elements: int, min_vocab_tile: int) -> tuple[int, int]:
     """(rows, cols) of a vocabulary-major tile with rows·cols ≤ tile_elements (at least 1×1).
@@ -79,7 +81,7 @@ def logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Te
     return torch.addmm(b, x, w.T, out=out)
 
 
-# ---- Chunked PyTorch path ------------------------------------------------------------------------------------
+# ---- Chunked PyTorch path ----------------------------------------------------------------------------------
 #
 # Tiles are [rows, Vt] blocks of the logits, visited vocabulary-major (all token chunks of one weight slice,
 # then the next slice), in the same order in the forward and the backward. They hold z2 = z·log2(e), base-2
@@ -115,8 +117,8 @@ def _chunked_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                  cache: list[torch.Tensor] | None = None, cache_bytes: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online logsumexp over the tiles. Per row, in base-2 units, it keeps
-        m = max z2,  l = Σ 2^(z2 - m),  s = Σ 2^(z2 - m)·(z2 - m)  (entropy only),  z2_y (the target's)
-    and rescales l and s by 2^(m_old - m_new) as m grows (kernels.md §2: entropy without extra exps).
+        m = max z2,  sum_e = Σ 2^(z2 - m),  s = Σ 2^(z2 - m)·(z2 - m)  (entropy only),  z2_y (the target's)
+    and rescales sum_e and s by 2^(m_old - m_new) as m grows (kernels.md §2: entropy without extra exps).
 
     If `cache` is a list, the first tiles (at most `cache_bytes` in all) are appended to it for the backward
     instead of being overwritten. Returns logp, entropy ([0] without it), lse, mu = Σp·z ([0] without
@@ -124,15 +126,15 @@ def _chunked_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """
     num_rows = hidden.shape[0]
     n_cols = weight.shape[0]
-    cdt = _compute_dtype(hidden.dtype)
+    cdt, dev = _compute_dtype(hidden.dtype), hidden.device
     scale = _LOG2E / temperature
     rows, cols = tile_shape(num_rows, n_cols, tile_elements, _CPU_MIN_VOCAB_TILE)
-    m = torch.full((num_rows,), float("-inf"), dtype=cdt)
-    l = torch.zeros(num_rows, dtype=cdt)
-    s = torch.zeros(num_rows, dtype=cdt)
-    z2_y = torch.zeros(num_rows, dtype=cdt)
-    z_buf = torch.empty(rows * cols, dtype=cdt)
-    e_buf = torch.empty(rows * cols, dtype=cdt) if return_entropy else None
+    m = torch.full((num_rows,), float("-inf"), dtype=cdt, device=dev)
+    sum_e = torch.zeros(num_rows, dtype=cdt, device=dev)
+    s = torch.zeros(num_rows, dtype=cdt, device=dev)
+    z2_y = torch.zeros(num_rows, dtype=cdt, device=dev)
+    z_buf = torch.empty(rows * cols, dtype=cdt, device=dev)
+    e_buf = torch.empty(rows * cols, dtype=cdt, device=dev) if return_entropy else None
     cached = 0
     keeping = cache is not None
     for r0, r1, v0, v1 in _tiles(num_rows, n_cols, tile_elements):
@@ -140,7 +142,7 @@ def _chunked_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         # A prefix of the tiles, so that the backward, visiting them in the same order, pops them in turn.
         keeping = keeping and cached + n * vt * z_buf.element_size() <= cache_bytes
         keep = keeping
-        z = torch.empty(n, vt, dtype=cdt) if keep else z_buf[: n * vt].view(n, vt)
+        z = torch.empty(n, vt, dtype=cdt, device=dev) if keep else z_buf[: n * vt].view(n, vt)
         _tile_logits2(z, hidden[r0:r1], weight[v0:v1], None if bias is None else bias[v0:v1], scale)
         if keep:
             cache.append(z)
@@ -150,7 +152,7 @@ def _chunked_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         picked = z.gather(1, local.clamp(0, vt - 1).unsqueeze(1)).squeeze(1)
         z2_y[r0:r1] = torch.where(inside, picked, z2_y[r0:r1])
 
-        m_old, l_old = m[r0:r1], l[r0:r1]
+        m_old, sum_old = m[r0:r1], sum_e[r0:r1]
         m_new = torch.maximum(m_old, z.amax(dim=1))
         # m_new = -inf only while every logit so far is -inf: shift by 0 then, not by -inf.
         m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
@@ -160,47 +162,52 @@ def _chunked_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         if return_entropy:
             d.clamp_min_(_LOG2P_FLOOR)
             e = torch.exp2(d, out=e_buf[: n * vt].view(n, vt))
-            s_tile = torch.bmm(e.view(n, 1, vt), d.view(n, vt, 1)).view(n)   # Σ e·d without an [n, Vt] product
-            # Move s from the old max to the new: 2^(z-m_new)(z-m_new) = α·2^(z-m_old)·((z-m_old) + (m_old-m_new)).
-            # While l_old == 0, m_old is -inf and the shift term must be 0, not (-inf)·0.
-            shift = torch.where(l_old > 0, m_old - m_safe, 0.0) * l_old
+            # Σ e·d as a batched dot product: no [n, Vt] product temporary.
+            s_tile = torch.bmm(e.view(n, 1, vt), d.view(n, vt, 1)).view(n)
+            # Move s from the old max to the new: 2^(z-m_new)(z-m_new) = α·2^(z-m_old)·((z-m_old) +
+            # (m_old-m_new)).
+            # While sum_old == 0, m_old is -inf and the shift term must be 0, not (-inf)·0.
+            shift = torch.where(sum_old > 0, m_old - m_safe, 0.0) * sum_old
             s[r0:r1] = alpha * (s[r0:r1] + shift) + s_tile
-            l_tile = e.sum(dim=1)
+            sum_tile = e.sum(dim=1)
         else:
-            l_tile = d.exp2_().sum(dim=1)
-        l[r0:r1] = alpha * l_old + l_tile
+            sum_tile = d.exp2_().sum(dim=1)
+        sum_e[r0:r1] = alpha * sum_old + sum_tile
         m[r0:r1] = m_new
 
     valid = targets >= 0
     m_safe = torch.where(m == float("-inf"), 0.0, m)
-    log2_l = torch.log2(l)
+    log2_sum = torch.log2(sum_e)
     zero = m.new_zeros(())
-    # logp = (z_y - m) - log l: the max is subtracted before log l is, so a peaked row keeps its tiny logp.
-    logp = torch.where(valid, ((z2_y - m_safe) - log2_l) * _LN2, zero)
-    lse = (m_safe + log2_l) * _LN2
+    # logp = (z_y - m) - log sum_e: the max is subtracted first, so a peaked row keeps its tiny logp.
+    logp = torch.where(valid, ((z2_y - m_safe) - log2_sum) * _LN2, zero)
+    lse = (m_safe + log2_sum) * _LN2
     if not return_entropy:
         return logp, m.new_empty(0), lse, m.new_empty(0)
-    mean_shifted = s / l                              # Σp·(z2 - m)
-    entropy = torch.where(valid, (log2_l - mean_shifted) * _LN2, zero)
+    mean_shifted = s / sum_e                              # Σp·(z2 - m)
+    entropy = torch.where(valid, (log2_sum - mean_shifted) * _LN2, zero)
     return logp, entropy, lse, (m_safe + mean_shifted) * _LN2
 
 
 def _chunked_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 lse: torch.Tensor, mu: torch.Tensor, dlogp: torch.Tensor | None, dentropy: torch.Tensor | None,
-                 temperature: float, needs_dx: bool, needs_dw: bool, needs_db: bool, tile_elements: int,
-                 cache: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 lse: torch.Tensor, mu: torch.Tensor, dlogp: torch.Tensor | None,
+                 dentropy: torch.Tensor | None, temperature: float, needs_dx: bool, needs_dw: bool,
+                 needs_db: bool, tile_elements: int, cache: list[torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per tile (recomputed, or popped from `cache` and freed after use), form dz in place:
 
         dz_j = (1/T)·[g·1(j == y) - p_j·(a + b·lp2_j)],  lp2_j = log2 p_j = z2_j - lse2,
         a = g + g_H·(lse - mu),  b = g_H·ln 2
 
     i.e. g·(onehot - p) - g_H·p_j·(z_j - Σp·z) (kernels.md §2) with z_j - mu = lp2_j·ln 2 + (lse - mu), then
-    dX += dz @ W_t and dW_t += dz.T @ X_t. dX, dW and db accumulate in fp32 (fp64 for fp64 inputs) across tiles
-    and are cast once (kernels.md §2). Returns (dhidden, dweight, dbias), an empty [0] tensor for each not needed.
+    dX += dz @ W_t and dW_t += dz.T @ X_t. dX, dW and db accumulate in fp32 (fp64 for fp64 inputs) across
+    tiles
+    and are cast once (kernels.md §2). Returns (dhidden, dweight, dbias), an empty [0] tensor for each not
+    needed.
     """
     num_rows, hidden_size = hidden.shape
     n_cols = weight.shape[0]
-    cdt = _compute_dtype(hidden.dtype)
+    cdt, dev = _compute_dtype(hidden.dtype), hidden.device
     scale = _LOG2E / temperature
     rows, cols = tile_shape(num_rows, n_cols, tile_elements, _CPU_MIN_VOCAB_TILE)
     valid = targets >= 0
@@ -219,15 +226,15 @@ def _chunked_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     # 0 without a separate pass (and without NaN from an all -inf row).
     lse2_col = torch.where(valid, lse * _LOG2E, float("inf")).unsqueeze(1)
 
-    dx32 = torch.zeros(num_rows, hidden_size, dtype=cdt) if needs_dx else None
+    dx32 = torch.zeros(num_rows, hidden_size, dtype=cdt, device=dev) if needs_dx else None
     # fp32 weights accumulate straight into the gradient. torch.empty commits no pages: dW's memory grows only
     # as its rows are written, tile by tile, while the cached tiles are freed (see fused_linear_logprob).
     dw_direct = needs_dw and weight.dtype == cdt
     dw = torch.empty_like(weight) if needs_dw else hidden.new_empty(0)
-    dw_acc = torch.empty(cols, hidden_size, dtype=cdt) if needs_dw and not dw_direct else None
-    db32 = torch.zeros(n_cols, dtype=cdt) if needs_db else None
-    z_buf = torch.empty(rows * cols, dtype=cdt)
-    tmp_buf = torch.empty(rows * cols, dtype=cdt) if dentropy is not None else None
+    dw_acc = torch.empty(cols, hidden_size, dtype=cdt, device=dev) if needs_dw and not dw_direct else None
+    db32 = torch.zeros(n_cols, dtype=cdt, device=dev) if needs_db else None
+    z_buf = torch.empty(rows * cols, dtype=cdt, device=dev)
+    tmp_buf = torch.empty(rows * cols, dtype=cdt, device=dev) if dentropy is not None else None
     w_v_c = None
     for r0, r1, v0, v1 in _tiles(num_rows, n_cols, tile_elements):
         n, vt = r1 - r0, v1 - v0
@@ -281,9 +288,9 @@ def _fused_linear_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: 
     if impl == "triton":
         from .triton import fused_linear_logprob_fwd
 
-        logp, entropy, lse, mu = fused_linear_logprob_fwd(hidden, weight, bias, targets, temperature=temperature,
-                                                          return_entropy=return_entropy,
-                                                          tile_elements=tile_elements)
+        logp, entropy, lse, mu = fused_linear_logprob_fwd(
+            hidden, weight, bias, targets, temperature=temperature, return_entropy=return_entropy,
+            tile_elements=tile_elements)
         if not return_entropy:
             entropy, mu = logp.new_empty(0), logp.new_empty(0)
         return logp, entropy, lse, mu
@@ -331,8 +338,10 @@ def _(hidden, weight, bias, targets, lse, mu, dlogp, dentropy, temperature, impl
 class FusedLinearLogprobFunction(torch.autograd.Function):
     """Autograd over the two custom ops. Saves the inputs (no copies) and lse, mu [N].
 
-    With `cache_tiles` (eager CPU path, dW needed) the forward runs `_chunked_fwd` directly and keeps its first
-    logits tiles on `ctx.cache`, a plain list, so that the backward can pop and free them one by one; autograd's
+    With `cache_tiles` (eager CPU path, dW needed) the forward runs `_chunked_fwd` directly and keeps its
+    first
+    logits tiles on `ctx.cache`, a plain list, so that the backward can pop and free them one by one;
+    autograd's
     saved tensors would stay alive until the whole backward ends. A second backward (retain_graph) finds the
     list empty and recomputes.
     """
@@ -353,7 +362,7 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
         ctx.temperature = temperature
         ctx.impl = impl
         ctx.tile_elements = tile_elements
-        ctx.set_materialize_grads(False)   # an unused entropy arrives as None: no entropy term in the backward
+        ctx.set_materialize_grads(False)   # an unused entropy arrives as None: no entropy term in backward
         return logp, entropy
 
     @staticmethod
@@ -363,8 +372,9 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
             return (None,) * 9
         hidden, weight, bias, targets, lse, mu = ctx.saved_tensors
         if ctx.cache is not None:
-            dx, dw, db = _chunked_bwd(hidden, weight, bias, targets, lse, mu, dlogp, dentropy, ctx.temperature,
-                                      needs_dx, needs_dw, needs_db, ctx.tile_elements, cache=ctx.cache)
+            dx, dw, db = _chunked_bwd(hidden, weight, bias, targets, lse, mu, dlogp, dentropy,
+                                      ctx.temperature, needs_dx, needs_dw, needs_db, ctx.tile_elements,
+                                      cache=ctx.cache)
         else:
             dx, dw, db = torch.ops.npo_kernels.fused_linear_logprob_bwd(
                 hidden, weight, bias, targets, lse, mu, dlogp, dentropy, ctx.temperature, ctx.impl,
@@ -373,7 +383,7 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-# ---- Public function -----------------------------------------------------------------------------------------
+# ---- Public function ---------------------------------------------------------------------------------------
 
 def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     for name, t, dims in (("hidden", hidden, 2), ("weight", weight, 2)):
@@ -400,8 +410,9 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         bias: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False,
-                         backend: Backend = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                         bias: torch.Tensor | None = None, temperature: float = 1.0,
+                         return_entropy: bool = False, backend: Backend = "auto"
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`selective_logprob(hidden @ weight.T + bias, targets, ...)` without ever forming the [N, V] logits.
 
     Args:
@@ -431,6 +442,6 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     # module docstring); never under torch.compile, whose graphs carry no Python-side state.
     cache_tiles = (impl == "chunked" and _CPU_CACHE_TILES and weight.requires_grad and torch.is_grad_enabled()
                    and not torch.compiler.is_compiling())
-    logp, entropy = FusedLinearLogprobFunction.apply(hidden, weight, bias, targets, temperature, return_entropy,
-                                                     impl, tile_elements, cache_tiles)
+    logp, entropy = FusedLinearLogprobFunction.apply(hidden, weight, bias, targets, temperature,
+                                                     return_entropy, impl, tile_elements, cache_tiles)
     return (logp, entropy) if return_entropy else logp

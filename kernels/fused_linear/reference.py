@@ -1,6 +1,7 @@
 """The specification of `fused_linear_logprob`, written to be read: the LM head, then `selective_logprob_ref`.
 
-    logits = hidden @ weight.T (+ bias)          [N, V], in the inputs' dtype, as the unfused model computes it
+    logits = hidden @ weight.T (+ bias)          [N, V], in the inputs' dtype, as the unfused model computes
+    it
     logp, entropy = selective_logprob_ref(logits, targets, temperature=...)
 
 It materializes [N, V] (several times, in fp32), which is what the fused op exists to avoid; tests and
@@ -16,7 +17,8 @@ from ..logprob.reference import selective_logprob_ref
 
 def fused_linear_logprob_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                              bias: torch.Tensor | None = None, temperature: float = 1.0,
-                             return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                             return_entropy: bool = False
+                             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Args:
         hidden: [N, H]; weight: [V, H] (an lm_head or a tied embedding); bias: [V] or None;
         targets: [N] int64, negative = ignored row.

@@ -1,15 +1,17 @@
-"""GPU path of `fused_linear_logprob`: cuBLAS GEMMs on tiles of the logits, the selective_logprob Triton kernels
-on each tile. No autograd here (see op.py); no [N, V] tensor is ever allocated.
+"""GPU path of `fused_linear_logprob`: cuBLAS GEMMs on tiles of the logits, the selective_logprob Triton
+kernels on each tile. No autograd here (see op.py); no [N, V] tensor is ever allocated.
 
 Forward, token chunks of full rows (rows·V ≤ tile_elements):
-    z = hidden[rows] @ weight.T (+ bias)       one GEMM, in the inputs' dtype, as the unfused model computes it
+    z = hidden[rows] @ weight.T (+ bias)       one GEMM, in the inputs' dtype, as the unfused model computes
+    it
     _selective_logprob_fwd_kernel(z)          logp, entropy, lse, mu = Σp·z for those rows
 Backward, vocabulary-major tiles [rows, Vt] (all N rows at once whenever N·4096 ≤ tile_elements):
     z    = hidden[rows] @ weight[cols].T      recomputed (4 GEMMs in all: kernels.md §4.2, k = 4)
     dz   = _selective_logprob_bwd_kernel(z)   written over z, in z's dtype, from the saved lse / mu
     dX  += dz @ weight[cols]                  fp32 accumulator over vocabulary tiles, cast once at the end
     dW[cols] = dz.T @ hidden[rows]            the sum over N runs inside one GEMM (fp32 in the tensor cores);
-                                              with several token chunks, an fp32 [Vt, H] accumulator, cast once
+                                              with several token chunks, an fp32 [Vt, H] accumulator, cast
+                                              once
 Numerics follow kernels.md §2: fp32 accumulation of dX and dW across chunks, (p_y - 1)·g formed in fp32 in the
 kernel, int64 row offsets and -inf tails inside the kernels.
 """
@@ -76,7 +78,7 @@ def fused_linear_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: t
         r1 = min(num_rows, r0 + rows)
         z = logits_into(z_buf[: r1 - r0], hidden[r0:r1], weight, bias)
         lp, ent, lse_c, mu_c = selective_logprob_fwd(z, targets[r0:r1], temperature=temperature,
-                                                     return_entropy=return_entropy, save_mu=return_entropy)
+                                                     return_entropy=return_entropy)
         logp[r0:r1] = lp
         lse[r0:r1] = lse_c
         if return_entropy:

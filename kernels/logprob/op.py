@@ -22,7 +22,6 @@ from .reference import selective_logprob_ref
 
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
-_IMPLS = ("triton", "chunked")
 
 # Elements per row chunk of the CPU path (fp32: 32 MB per buffer, ~55 rows at V = 151936). Large enough that
 # per-call overhead and thread start-up vanish, small enough to stay near the L3 and add ≤ ~3 buffers of
@@ -42,24 +41,24 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# ---- Chunked PyTorch path ------------------------------------------------------------------------------------
+# ---- Chunked PyTorch path ----------------------------------------------------------------------------------
 
 def _chunked_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row chunks through ATen's fused log_softmax; returns logp, entropy, lse, mu, each [N] (entropy, mu: [0]
     without return_entropy), in fp32 (fp64 for fp64 logits). Extra memory: ≤ 3 chunk buffers, never [N, V]."""
     num_rows, n_cols = logits.shape
-    cdt = _compute_dtype(logits.dtype)
+    cdt, dev = _compute_dtype(logits.dtype), logits.device
     rows = _rows_per_chunk(n_cols)
     valid = targets >= 0
     safe_targets = torch.where(valid, targets, 0).unsqueeze(1)   # ignored rows read column 0, then masked
-    logp = torch.empty(num_rows, dtype=cdt)
-    lse = torch.empty(num_rows, dtype=cdt)
-    entropy = torch.empty(num_rows if return_entropy else 0, dtype=cdt)
+    logp = torch.empty(num_rows, dtype=cdt, device=dev)
+    lse = torch.empty(num_rows, dtype=cdt, device=dev)
+    entropy = torch.empty(num_rows if return_entropy else 0, dtype=cdt, device=dev)
     convert = logits.dtype != cdt or temperature != 1.0
-    z_buf = torch.empty(min(rows, num_rows), n_cols, dtype=cdt) if convert else None
-    lp_buf = torch.empty(min(rows, num_rows), n_cols, dtype=cdt)
-    p_buf = torch.empty(min(rows, num_rows), n_cols, dtype=cdt) if return_entropy else None
+    z_buf = torch.empty(min(rows, num_rows), n_cols, dtype=cdt, device=dev) if convert else None
+    lp_buf = torch.empty(min(rows, num_rows), n_cols, dtype=cdt, device=dev)
+    p_buf = torch.empty(min(rows, num_rows), n_cols, dtype=cdt, device=dev) if return_entropy else None
     for r0 in range(0, num_rows, rows):
         r1 = min(num_rows, r0 + rows)
         n = r1 - r0
@@ -90,7 +89,8 @@ def _chunked_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float
 
 
 def _chunked_bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, mu: torch.Tensor,
-                 dlogp: torch.Tensor | None, dentropy: torch.Tensor | None, temperature: float) -> torch.Tensor:
+                 dlogp: torch.Tensor | None, dentropy: torch.Tensor | None, temperature: float
+                 ) -> torch.Tensor:
     """dlogits [N, V] in logits' dtype, one row chunk at a time from the saved lse (and mu):
 
         dz_j = (1/T)·[g·1(j == y) - p_j·(a + b·lp_j)],  lp_j = z_j - lse,  a = g + g_H·(lse - mu),  b = g_H
@@ -99,7 +99,7 @@ def _chunked_bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
     so the -inf logits are clamped in log-prob units (see _LOGP_FLOOR). fp32 math, one cast per chunk.
     """
     num_rows, n_cols = logits.shape
-    cdt = _compute_dtype(logits.dtype)
+    cdt, dev = _compute_dtype(logits.dtype), logits.device
     rows = _rows_per_chunk(n_cols)
     grad = torch.empty_like(logits)
     valid = targets >= 0
@@ -118,9 +118,9 @@ def _chunked_bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
     direct = logits.dtype == cdt          # fp32/fp64 logits: compute straight into the gradient's rows
     convert = not direct or temperature != 1.0
     chunk = min(rows, num_rows)
-    z_buf = torch.empty(chunk, n_cols, dtype=cdt) if convert else None
-    g_buf = None if direct else torch.empty(chunk, n_cols, dtype=cdt)
-    tmp_buf = torch.empty(chunk, n_cols, dtype=cdt) if dentropy is not None else None
+    z_buf = torch.empty(chunk, n_cols, dtype=cdt, device=dev) if convert else None
+    g_buf = None if direct else torch.empty(chunk, n_cols, dtype=cdt, device=dev)
+    tmp_buf = torch.empty(chunk, n_cols, dtype=cdt, device=dev) if dentropy is not None else None
     for r0 in range(0, num_rows, rows):
         r1 = min(num_rows, r0 + rows)
         n = r1 - r0
@@ -159,7 +159,7 @@ def _selective_logprob_fwd(logits: torch.Tensor, targets: torch.Tensor, temperat
         from .triton import selective_logprob_fwd
 
         logp, entropy, lse, mu = selective_logprob_fwd(logits, targets, temperature=temperature,
-                                                       return_entropy=return_entropy, save_mu=return_entropy)
+                                                       return_entropy=return_entropy)
         empty = logp.new_empty(0)
         return logp, entropy if return_entropy else empty, lse, mu if return_entropy else empty.clone()
     return _chunked_fwd(logits, targets, temperature, return_entropy)
@@ -217,7 +217,7 @@ class SelectiveLogprobFunction(torch.autograd.Function):
         return dlogits, None, None, None, None
 
 
-# ---- Public function -----------------------------------------------------------------------------------------
+# ---- Public function ---------------------------------------------------------------------------------------
 
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -232,8 +232,8 @@ def resolve_impl(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" else "chunked"
     if device.type != "cuda" and not triton_interpreter_enabled():
-        raise ValueError(f"backend='triton' needs CUDA tensors (got {device.type}), or TRITON_INTERPRET=1 set "
-                         "before triton is imported to run the kernels on CPU tensors")
+        raise ValueError(f"backend='triton' needs CUDA tensors (got {device.type}), or TRITON_INTERPRET=1 "
+                         "set before triton is imported to run the kernels on CPU tensors")
     if dtype == torch.float64:
         raise ValueError("backend='triton' supports fp32/bf16/fp16 logits, got float64; use backend='torch'")
     if device.type != "cuda" and dtype == torch.bfloat16:
@@ -251,8 +251,10 @@ def check_targets(targets: torch.Tensor, num_rows: int, n_cols: int, device: tor
         raise ValueError(f"targets is on {targets.device} but the inputs are on {device}")
     # Out-of-range targets are checked on CPU only: on CUDA the check would cost a host sync per call, and
     # under torch.compile it would be a data-dependent branch.
-    if device.type == "cpu" and num_rows and not torch.compiler.is_compiling() and int(targets.max()) >= n_cols:
-        raise ValueError(f"targets must be < V = {n_cols} (or negative to ignore a row), got {int(targets.max())}")
+    if device.type == "cpu" and num_rows and not torch.compiler.is_compiling():
+        largest = int(targets.max())
+        if largest >= n_cols:
+            raise ValueError(f"targets must be < V = {n_cols} (or negative to ignore a row), got {largest}")
     return targets.to(torch.int64).contiguous()
 
 
@@ -284,7 +286,8 @@ def selective_logprob(logits: torch.Tensor, targets: torch.Tensor, *, temperatur
         >>> logp, entropy = selective_logprob(logits, input_ids, temperature=0.7, return_entropy=True)
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"logits must be a 2-D tensor [N, V], got shape {list(getattr(logits, 'shape', []))}")
+        shape = list(getattr(logits, "shape", []))
+        raise ValueError(f"logits must be a 2-D tensor [N, V], got shape {shape}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"logits must be fp32, bf16 or fp16, got {logits.dtype}")
     if logits.shape[1] == 0:

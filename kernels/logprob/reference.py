@@ -1,4 +1,4 @@
-"""The specification of `selective_logprob`, written to be read: plain fp32 PyTorch, differentiable by autograd.
+"""The specification of `selective_logprob`, written to be read: plain fp32 PyTorch, autograd for gradients.
 
     z       = logits.float() / temperature                  [N, V]
     logp_n  = log_softmax(z_n)[target_n]                    [N]   (≤ 0)

@@ -1,9 +1,9 @@
 """Triton kernels for `selective_logprob` and their launchers. No autograd here (see op.py).
 
 Forward, one program per row, one online pass over the vocabulary in blocks of BLOCK_V columns:
-    m  running max of z2 = logits · log2(e) / T          (base-2 units, so each element costs one exp2)
-    l  Σ 2^(z2 - m)                                      rescaled by 2^(m_old - m_new) when m grows
-    s  Σ 2^(z2 - m) · (z2 - m)                           only with entropy; shifted along with m
+    m      running max of z2 = logits · log2(e) / T      (base-2 units, so each element costs one exp2)
+    sum_e  Σ 2^(z2 - m)                                  rescaled by 2^(m_old - m_new) when m grows
+    s      Σ 2^(z2 - m) · (z2 - m)                       only with entropy; shifted along with m
 and writes per row: logp, entropy (optional), lse (natural log units) and mu = Σ p·z (optional), which is all
 the backward needs: it never stores an [N, V] tensor.
 
@@ -15,7 +15,7 @@ Numerics (kernels.md §2, each applied below where it is marked):
 - int64 row offsets: N·V exceeds 2^31 at the target shape.
 - tail and masked columns load as -inf; the running max starts at -inf and is never assumed finite.
 - fp32 accumulators; exp2 with a log2(e) prescale; one transcendental per element per pass.
-- entropy from s and l, without an extra exp; the 0·(-inf) products of -inf columns are selected away.
+- entropy from s and sum_e, without an extra exp; the 0·(-inf) products of -inf columns are selected away.
 - temperature (as 1/T) and the optional-output flags are constexprs, so no Python float is promoted to fp64
   and no store goes through a dummy pointer.
 Works on Triton 3.6 through 3.9 and under TRITON_INTERPRET=1 (fp32/fp16 only there: numpy has no bf16).
@@ -44,8 +44,7 @@ def _selective_logprob_fwd_kernel(
     LOGITS, TARGETS, LOGP, ENTROPY, LSE, MU,
     stride_row, n_cols,
     SCALE2: tl.constexpr,          # log2(e) / T
-    RETURN_ENTROPY: tl.constexpr,
-    SAVE_MU: tl.constexpr,
+    RETURN_ENTROPY: tl.constexpr,  # also store entropy and mu (the entropy gradient needs mu)
     BLOCK_V: tl.constexpr,
 ):
     LN2: tl.constexpr = 0.6931471805599453
@@ -57,11 +56,11 @@ def _selective_logprob_fwd_kernel(
     safe_target = tl.where(valid & (target < n_cols), target, 0)
 
     m = float("-inf")   # the max identity is -inf, never 0 (verl #7439: positive logp)
-    l = 0.0
+    sum_e = 0.0
     s = 0.0
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        # Tail columns load -inf: they add 2^-inf = 0 to l and never raise the max (V % BLOCK_V != 0).
+        # Tail columns load -inf: they add 2^-inf = 0 to sum_e and never raise the max (V % BLOCK_V != 0).
         z2 = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * SCALE2
         m_new = tl.maximum(m, tl.max(z2, axis=0))
         # m_new is -inf only while every logit so far is -inf; shifting by 0 then avoids (-inf) - (-inf).
@@ -69,29 +68,28 @@ def _selective_logprob_fwd_kernel(
         alpha = tl.exp2(m - m_safe)
         d = z2 - m_safe
         e = tl.exp2(d)
-        if RETURN_ENTROPY or SAVE_MU:
+        if RETURN_ENTROPY:
             # s is kept relative to the running max: moving it from m to m_new rescales by alpha and adds
-            # (m - m_new)·l. While l == 0, m is -inf, and the product would be (-inf)·0.
-            shift = (tl.where(l > 0.0, m, m_safe) - m_safe) * l
+            # (m - m_new)·sum_e. While sum_e == 0, m is -inf, and the product would be (-inf)·0.
+            shift = (tl.where(sum_e > 0.0, m, m_safe) - m_safe) * sum_e
             # e == 0 where d == -inf (tail or -inf logits): take d as 0 there, not 0·(-inf) = NaN.
             s = alpha * (s + shift) + tl.sum(e * tl.where(e > 0.0, d, 0.0), axis=0)
-        l = l * alpha + tl.sum(e, axis=0)
+        sum_e = sum_e * alpha + tl.sum(e, axis=0)
         m = m_new
 
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    log2_l = tl.log2(l)
+    log2_sum = tl.log2(sum_e)
     z2_target = tl.load(row_ptr + safe_target).to(tl.float32) * SCALE2
-    # logp = (z_y - m) - log l: the difference is taken before the (possibly large) max is added back, so a
-    # peaked row keeps its tiny logp instead of ulp(|z|) noise.
-    logp = (z2_target - m_safe - log2_l) * LN2
+    # logp = (z_y - m) - log sum_e: the difference is taken before the (possibly large) max is added back,
+    # so a peaked row keeps its tiny logp instead of ulp(|z|) noise.
+    logp = (z2_target - m_safe - log2_sum) * LN2
     tl.store(LOGP + row, tl.where(valid, logp, 0.0))
-    tl.store(LSE + row, (m_safe + log2_l) * LN2)
+    tl.store(LSE + row, (m_safe + log2_sum) * LN2)
     if RETURN_ENTROPY:
-        # H = lse - Σp·z = log l - s/l, again without adding the max back.
-        entropy = (log2_l - s / l) * LN2
+        # H = lse - Σp·z = log sum_e - s/sum_e, again without adding the max back.
+        entropy = (log2_sum - s / sum_e) * LN2
         tl.store(ENTROPY + row, tl.where(valid, entropy, 0.0))
-    if SAVE_MU:
-        tl.store(MU + row, (m_safe + s / l) * LN2)
+        tl.store(MU + row, (m_safe + s / sum_e) * LN2)
 
 
 @triton.jit
@@ -134,18 +132,19 @@ def _selective_logprob_bwd_kernel(
 
 def _check_rows(logits: torch.Tensor) -> None:
     # The kernels index columns with unit stride; rows may be strided (a slice of a larger buffer).
-    assert logits.dim() == 2 and logits.stride(1) == 1, "internal: logits must be [N, V] with unit column stride"
+    assert logits.dim() == 2 and logits.stride(1) == 1, "internal: logits must be [N, V], unit column stride"
 
 
 def selective_logprob_fwd(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float,
-                          return_entropy: bool, save_mu: bool
+                          return_entropy: bool
                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Launch the forward kernel.
 
     Args:
         logits: [N, V] fp32/bf16/fp16, unit column stride.  targets: [N] int64 (negative = ignored row).
     Returns:
-        logp [N], entropy [N] or None, lse [N], mu = Σp·z [N] or None; all fp32.
+        logp [N], entropy [N] or None, lse [N], mu = Σp·z [N] or None (entropy and mu with return_entropy);
+        all fp32.
     """
     _check_rows(logits)
     num_rows, n_cols = logits.shape
@@ -153,7 +152,7 @@ def selective_logprob_fwd(logits: torch.Tensor, targets: torch.Tensor, *, temper
     logp = torch.empty(num_rows, **out)
     lse = torch.empty(num_rows, **out)
     entropy = torch.empty(num_rows, **out) if return_entropy else None
-    mu = torch.empty(num_rows, **out) if save_mu else None
+    mu = torch.empty(num_rows, **out) if return_entropy else None
     if num_rows == 0:
         return logp, entropy, lse, mu
     block_v = min(_FWD_BLOCK_V, triton.next_power_of_2(n_cols))
@@ -161,9 +160,9 @@ def selective_logprob_fwd(logits: torch.Tensor, targets: torch.Tensor, *, temper
         logits, targets, logp,
         entropy if return_entropy else logp,   # never stored through: RETURN_ENTROPY is False
         lse,
-        mu if save_mu else lse,                # never stored through: SAVE_MU is False
+        mu if return_entropy else lse,         # never stored through: RETURN_ENTROPY is False
         logits.stride(0), n_cols,
-        SCALE2=_LOG2E / float(temperature), RETURN_ENTROPY=return_entropy, SAVE_MU=save_mu,
+        SCALE2=_LOG2E / float(temperature), RETURN_ENTROPY=return_entropy,
         BLOCK_V=block_v, num_warps=_NUM_WARPS if block_v >= 2048 else 4,
     )
     return logp, entropy, lse, mu
@@ -183,7 +182,7 @@ def selective_logprob_bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torc
     """
     _check_rows(logits)
     if dentropy is not None and mu is None:
-        raise ValueError("selective_logprob_bwd: dentropy needs mu (run the forward with save_mu=True)")
+        raise ValueError("selective_logprob_bwd: dentropy needs mu (from a forward with return_entropy=True)")
     num_rows, n_cols = logits.shape
     dlogits = torch.empty_like(logits) if out is None else out
     _check_rows(dlogits)

@@ -57,6 +57,7 @@ _LLAMA_FAMILY = ("qwen2", "llama")
 # buckets waste less compute on pads but each costs one more forward.
 _BUCKET_FILL = 0.9
 
+# The name under which `_grouped_sdpa_attention` is registered with HF, for models on the HF-forward path.
 _ATTENTION = "npo_embedded_sdpa"
 
 
@@ -253,7 +254,7 @@ class _LlamaFamilyForward:
             x = _rms_norm(hidden, layer.input_layernorm)
             qkv = F.linear(x, *fused["qkv"]).view(batch, q_len, -1, attn.head_dim).transpose(1, 2)
             qk = qkv[:, :heads_qk]  # (B, H_q + H_kv, Q, D)
-            qk = (qk * cos).add_(_rotate_half(qk).mul_(sin))
+            qk = (qk * cos) + (_rotate_half(qk) * sin)
             q, (k, v) = qk[:, :heads_q], cache.update(qk[:, heads_q:], qkv[:, heads_qk:], i)
             if i == last_layer and q_len > 1:
                 # Past the last layer's K/V, only the last position feeds the logits: drop the others.
@@ -266,7 +267,7 @@ class _LlamaFamilyForward:
             hidden = hidden + _linear(out.reshape(batch, q.shape[2], -1), attn.o_proj)
             x = _rms_norm(hidden, layer.post_attention_layernorm)
             gate, up = F.linear(x, *fused["gate_up"]).chunk(2, dim=-1)
-            hidden += _linear(mlp.act_fn(gate).mul_(up), mlp.down_proj)
+            hidden = hidden + _linear(mlp.act_fn(gate) * up, mlp.down_proj)
         return _linear(_rms_norm(hidden[:, -1], base.norm), self.model.lm_head).float()
 
     def _rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,9 +321,9 @@ def _decode_attention(
     """
     batch, heads_q, _, dim = q.shape
     heads_kv = k.shape[1]
-    scores = torch.matmul(q.reshape(batch, heads_kv, heads_q // heads_kv, dim), k.transpose(2, 3)).mul_(scaling)
+    scores = torch.matmul(q.reshape(batch, heads_kv, heads_q // heads_kv, dim), k.transpose(2, 3)) * scaling
     if mask is not None:
-        scores += mask  # (B, H_kv, G, K) + (B, 1, 1, K)
+        scores = scores + mask  # (B, H_kv, G, K) + (B, 1, 1, K)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # fp32 softmax, as HF's eager path
     return torch.matmul(probs, v).view(batch, 1, heads_q, dim)
 
@@ -332,12 +333,12 @@ def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-    """HF's Llama/Qwen2 RMSNorm (fp32 statistics, weight applied in the input dtype), updating temporaries in
-    place: [..., H] -> [..., H]."""
+    """HF's Llama/Qwen2 RMSNorm, op for op (fp32 statistics, weight applied in the input dtype)."""
     dtype = x.dtype
     x = x.to(torch.float32)
-    inv_rms = x.pow(2).mean(-1, keepdim=True).add_(norm.variance_epsilon).rsqrt_()
-    return (x * inv_rms).to(dtype).mul_(norm.weight)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * x.to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""fused_linear_logprob: the reference against float64 formulas and gradcheck, then the chunked CPU path and the
-Triton path (cuBLAS/numpy GEMMs + the selective_logprob kernels, under TRITON_INTERPRET=1 on CPU) against the
+"""fused_linear_logprob: the reference against float64 formulas and gradcheck, then the chunked CPU path and
+the Triton path (torch GEMMs + the selective_logprob kernels, under TRITON_INTERPRET=1 on CPU) against the
 reference: logp, entropy, dhidden, dweight and dbias by name.
 
 Grid rationale (tile sizes are patched down so that small shapes still cross every tile boundary):
-- V = 300, tiles of 64 columns × 4 rows: 5 vocabulary tiles with a 44-column tail and 3 token chunks of N = 10,
+- V = 300, tiles of 64 columns × 4 rows: 5 vocabulary tiles with a 44-column tail and 3 token chunks of N =
+10,
   so the online logsumexp merges across tiles, targets fall in different tiles, and dW accumulates across
   token chunks (the fp32 accumulator path).
 - V = 1000 with all N rows in one tile: the backward's single-GEMM dW path, bias on/off.
@@ -40,15 +41,17 @@ GRAD_NAMES = ("dhidden", "dweight", "dbias")
 
 def make_case(num_rows, hidden_size, n_cols, *, bias=True, seed=0, dtype=torch.float32, device="cpu",
               ignore_every=3):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(num_rows, hidden_size, generator=gen, dtype=torch.float64)
-    weight = torch.randn(n_cols, hidden_size, generator=gen, dtype=torch.float64) / hidden_size ** 0.5 * 2
-    b = torch.randn(n_cols, generator=gen, dtype=torch.float64) if bias else None
-    targets = torch.randint(0, n_cols, (num_rows,), generator=gen)
+    # Generated on the target device (large GPU cases would take seconds on the CPU), in fp64 on CPU only.
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(generator=gen, device=device, dtype=torch.float64 if device == "cpu" else torch.float32)
+    hidden = torch.randn(num_rows, hidden_size, **kw)
+    weight = torch.randn(n_cols, hidden_size, **kw) / hidden_size ** 0.5 * 2
+    b = torch.randn(n_cols, **kw) if bias else None
+    targets = torch.randint(0, n_cols, (num_rows,), generator=gen, device=device)
     if ignore_every:
         targets[1::ignore_every] = -1
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    return cast(hidden), cast(weight), cast(b), targets.to(device)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(b), targets
 
 
 @pytest.fixture
@@ -61,7 +64,8 @@ def small_tiles(monkeypatch):
 
 
 def run_impl(impl, hidden, weight, targets, **kw):
-    return fused_linear_logprob(hidden, weight, targets, backend="auto" if impl == "chunked" else "triton", **kw)
+    backend = "auto" if impl == "chunked" else "triton"
+    return fused_linear_logprob(hidden, weight, targets, backend=backend, **kw)
 
 
 def outputs_and_grads(fn, hidden, weight, bias, targets, g_logp, g_entropy, **kw):
@@ -177,7 +181,7 @@ def test_real_vocabulary(impl):
     for name, t_, r_, o_ in zip(("logp", "entropy", "dhidden", "dweight"), truth, ref, out):
         err_ref = float((r_.double() - t_).abs().max())
         err_out = float((o_.double() - t_).abs().max())
-        assert err_out <= 2 * err_ref + 1e-6, f"{impl}/{name}: error {err_out:.2e} vs fp32 reference {err_ref:.2e}"
+        assert err_out <= 2 * err_ref + 1e-6, f"{impl}/{name}: error {err_out:.2e} vs reference {err_ref:.2e}"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -252,15 +256,15 @@ def test_fp16_inputs(impl, small_tiles):
     (the reference rounds dlogits to fp16 before its GEMMs; the chunked path does not, so it is tighter)."""
     hidden, weight, bias, targets = make_case(10, 16, 300, dtype=torch.float16, seed=12)
     g = torch.randn(10, generator=torch.Generator().manual_seed(13))
-    truth = outputs_and_grads(fused_linear_logprob_ref, hidden.double(), weight.double(), bias.double(), targets,
-                              g.double(), g.double())
+    truth = outputs_and_grads(fused_linear_logprob_ref, hidden.double(), weight.double(), bias.double(),
+                              targets, g.double(), g.double())
     ref = outputs_and_grads(fused_linear_logprob_ref, hidden, weight, bias, targets, g, g)
     out = outputs_and_grads(lambda *a, **k: run_impl(impl, *a, **k), hidden, weight, bias, targets, g, g)
     assert out[2].dtype == torch.float16 and out[3].dtype == torch.float16 and out[4].dtype == torch.float16
     for name, t_, r_, o_ in zip(("logp", "entropy") + GRAD_NAMES, truth, ref, out):
         err_ref = float((r_.double() - t_).abs().max())
         err_out = float((o_.double() - t_).abs().max())
-        assert err_out <= err_ref + 1e-3, f"{impl}/{name}: error {err_out:.2e} vs fp16 reference {err_ref:.2e}"
+        assert err_out <= err_ref + 1e-3, f"{impl}/{name}: error {err_out:.2e} vs reference {err_ref:.2e}"
 
 
 def test_no_n_by_v_allocation_on_cpu(monkeypatch):
@@ -355,8 +359,8 @@ def _err(a, b):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_gpu_bf16_error_budget(compiled):
-    """err(kernel) ≤ err(bf16 PyTorch) + tol, both against an fp32 ground truth at the highest matmul precision
-    (CCE's budget, tol 1e-2 for bf16), at H = 4096, V = 151936."""
+    """err(kernel) ≤ err(bf16 PyTorch) + tol, both against an fp32 ground truth at the highest matmul
+    precision (CCE's budget, tol 1e-2 for bf16), at H = 4096, V = 151936."""
     num_rows, hidden_size, n_cols = 2048, 4096, 151936
     hidden, weight, _, targets = make_case(num_rows, hidden_size, n_cols, bias=False, dtype=torch.bfloat16,
                                            device="cuda")
@@ -364,12 +368,15 @@ def test_gpu_bf16_error_budget(compiled):
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        truth = outputs_and_grads(fused_linear_logprob_ref, hidden.float(), weight.float(), None, targets, g, g)
+        truth = outputs_and_grads(fused_linear_logprob_ref, hidden.float(), weight.float(), None, targets,
+                                  g, g)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     base = outputs_and_grads(fused_linear_logprob_ref, hidden, weight, None, targets, g, g)
     fn = torch.compile(fused_linear_logprob, fullgraph=True) if compiled else fused_linear_logprob
-    out = outputs_and_grads(lambda *a, **k: fn(*a, backend="triton", **k), hidden, weight, None, targets, g, g)
+    out = outputs_and_grads(lambda *a, **k: fn(*a, backend="triton", **k), hidden, weight, None, targets,
+                            g, g)
     for name, t_, b_, o_ in zip(("logp", "entropy", "dhidden", "dweight"), truth, base, out):
-        assert _err(o_, t_) <= _err(b_, t_) + 1e-2, f"{name}: kernel {_err(o_, t_):.3e} vs bf16 torch {_err(b_, t_):.3e}"
+        assert _err(o_, t_) <= _err(b_, t_) + 1e-2, \
+            f"{name}: kernel {_err(o_, t_):.3e} vs bf16 torch {_err(b_, t_):.3e}"
     check_invariants("gpu", out[0], out[1], out[2], targets)

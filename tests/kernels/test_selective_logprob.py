@@ -14,6 +14,7 @@ Adversarial inputs, one test each: peaked rows (p_y ≥ 0.999, Liger #1268), log
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -41,12 +42,14 @@ EPS32 = torch.finfo(torch.float32).eps
 
 def make_case(num_rows: int, n_cols: int, *, scale: float = 3.0, seed: int = 0, dtype=torch.float32,
               device: str = "cpu", ignore_every: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(num_rows, n_cols, generator=gen, dtype=torch.float64) * scale).to(dtype)
-    targets = torch.randint(0, n_cols, (num_rows,), generator=gen)
+    # Generated on the target device (large GPU cases would take seconds on the CPU), in fp64 on CPU only.
+    gen = torch.Generator(device=device).manual_seed(seed)
+    base = torch.float64 if device == "cpu" else torch.float32
+    logits = (torch.randn(num_rows, n_cols, generator=gen, dtype=base, device=device) * scale).to(dtype)
+    targets = torch.randint(0, n_cols, (num_rows,), generator=gen, device=device)
     if ignore_every:
         targets[1::ignore_every] = -1
-    return logits.to(device), targets.to(device)
+    return logits, targets
 
 
 def formulas_f64(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
@@ -197,7 +200,7 @@ def test_peaked_rows(impl):
         others = logits[row].double().clone()
         others[targets[row]] = float("-inf")
         # z_y = log Σ_{j≠y} e^z_j + log(p_y / (1 - p_y)) gives softmax(z)_y = p_y.
-        logits[row, targets[row]] = float(torch.logsumexp(others, 0) + torch.log(torch.tensor(p_y / (1 - p_y))))
+        logits[row, targets[row]] = float(torch.logsumexp(others, 0)) + math.log(p_y / (1 - p_y))
     g = torch.ones(num_rows)
     ref = grads_of(selective_logprob_ref, logits, targets, g, g)
     out = grads_of(lambda *a, **k: run_impl(impl, *a, **k), logits, targets, g, g)
@@ -206,7 +209,8 @@ def test_peaked_rows(impl):
     for name, expected, actual in zip(("logp", "entropy", "dlogits"), ref, out):
         assert_close(f"{impl}/{name}", expected, actual)
     # The target's gradient 1 - p_y is tiny; it must keep its relative accuracy (≤ 1e-3 at p_y = 0.999).
-    # (Row 3's 1 - p_y = 1e-6 is below fp32's resolution of p_y itself, so only its absolute error is checked.)
+    # (Row 3's 1 - p_y = 1e-6 is below fp32's resolution of p_y itself, so only its absolute error is
+    # checked.)
     idx = torch.arange(3), targets[:3]
     rel = ((out[2][idx] - ref[2][idx]).abs() / ref[2][idx].abs()).max()
     assert rel < 1e-3, f"{impl}: relative error of dlogits[target] {rel:.2e}"
@@ -275,7 +279,7 @@ def test_fp16_logits(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_out_of_place_and_retain_graph(impl):
-    """The caller's logits are never written (kernels.md §3), and a second backward gives the same gradient."""
+    """The caller's logits are never written (kernels.md §3); a second backward gives the same gradient."""
     logits, targets = make_case(6, 1000)
     x = logits.clone().requires_grad_(True)
     logp, entropy = run_impl(impl, x, targets)
@@ -290,7 +294,7 @@ def test_out_of_place_and_retain_graph(impl):
 
 
 def test_chunked_forward_never_allocates_n_by_v(small_cpu_chunks):
-    """The chunked forward allocates only chunk buffers; its backward one [N, V] tensor: the gradient itself."""
+    """The chunked forward allocates only chunk buffers; its backward one [N, V] tensor, the gradient."""
     logits, targets = make_case(64, 1000)
     full_bytes = logits.numel() * 4
     x = logits.clone().requires_grad_(True)
@@ -317,7 +321,8 @@ def test_chunked_forward_never_allocates_n_by_v(small_cpu_chunks):
 
 def test_torch_backend_is_the_reference():
     logits, targets = make_case(5, 100)
-    assert torch.equal(selective_logprob(logits, targets, backend="torch"), selective_logprob_ref(logits, targets))
+    assert torch.equal(selective_logprob(logits, targets, backend="torch"),
+                       selective_logprob_ref(logits, targets))
 
 
 def test_invalid_arguments():
@@ -346,7 +351,7 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
 
 
 def test_traceable_by_torch_compile():
-    """The custom ops have fake impls, so dynamo/AOT trace them as single graph nodes (aot_eager: no C++ build)."""
+    """The custom ops have fake impls, so dynamo/AOT trace them as graph nodes (aot_eager: no C++ build)."""
     logits, targets = make_case(6, 1000)
     x = logits.clone().requires_grad_(True)
     fn = torch.compile(lambda z, t: selective_logprob(z, t, return_entropy=True), backend="aot_eager",
@@ -360,7 +365,7 @@ def test_traceable_by_torch_compile():
     assert_close("compiled/dlogits", x_ref.grad, x.grad)
 
 
-# ---- GPU (bf16 at the real vocabulary; skipped without CUDA) ---------------------------------------------------
+# ---- GPU (bf16 at the real vocabulary; skipped without CUDA) -----------------------------------------------
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
@@ -370,7 +375,7 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_gpu_bf16_error_budget(compiled):
-    """err(kernel) ≤ err(bf16 PyTorch) + tol against the fp32 reference of the same bf16 logits (CCE's budget)."""
+    """err(kernel) ≤ err(bf16 PyTorch) + tol against the fp32 reference of the same bf16 logits (CCE)."""
     num_rows, n_cols = 4096, 151936
     logits, targets = make_case(num_rows, n_cols, scale=4.0, dtype=torch.bfloat16, device="cuda")
     g = torch.randn(num_rows, device="cuda")
@@ -391,7 +396,8 @@ def test_gpu_bf16_error_budget(compiled):
     out = grads_of(lambda *a, **k: fn(*a, backend="triton", **k), logits, targets, g, g, temperature=0.7)
     tol = 1e-2   # CCE's bf16 tolerance
     for name, t_, b_, o_ in zip(("logp", "entropy", "dlogits"), truth, base, out):
-        assert _err(o_, t_) <= _err(b_, t_) + tol, f"{name}: kernel {_err(o_, t_):.3e} vs bf16 torch {_err(b_, t_):.3e}"
+        assert _err(o_, t_) <= _err(b_, t_) + tol, \
+            f"{name}: kernel {_err(o_, t_):.3e} vs bf16 torch {_err(b_, t_):.3e}"
     # Against the fp32 reference of the same inputs the kernel is much tighter than the budget.
     assert_close("logp", truth[0], out[0], torch.float32, atol=1e-4)
     assert_close("dlogits", truth[2].bfloat16(), out[2], torch.bfloat16)

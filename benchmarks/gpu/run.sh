@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# One prepared device check for npo_kernels on a lent H100 (torch 2.11, triton 3.6, repo copied, not installed,
+# no network): the GPU tests of tests/kernels, then the selective_logprob and fused_linear_logprob benchmarks
+# (and the policy_loss / group_advantages ones when their files exist), then the report with the targets.
+# Each step has its own time limit; the whole script stays under 8 minutes.
+#
+#   bash benchmarks/gpu/run.sh                                   # results in $OUT (default benchmarks/results)
+#   NPO_GPU_SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu/run.sh    # dry run on CPU with tiny shapes
+#
+# Outputs in $OUT, prefixed gpu_ (or smoke_): run.log, tests.txt, <suite>.json (pytest-benchmark layout),
+# <suite>.txt (report table), report.txt (all suites + targets).
+set -u
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+if [ "${NPO_GPU_SMOKE:-0}" != "0" ]; then TAG=smoke; else TAG=gpu; fi
+LOG="$OUT/${TAG}_run.log"
+: > "$LOG"
+log() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
+
+# The repository is copied, not installed: expose kernels/ under its import name, and the repo root for
+# `benchmarks`.
+PKG_DIR="$(mktemp -d)"
+ln -sfn "$PWD/kernels" "$PKG_DIR/npo_kernels"
+export PYTHONPATH="$PWD:$PKG_DIR${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONDONTWRITEBYTECODE=1
+
+python - <<'EOF' 2>&1 | tee -a "$LOG"
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no CUDA)")
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError as exc:
+    print("triton missing:", exc)
+import npo_kernels.logprob.op, npo_kernels.fused_linear.op
+print("npo_kernels imports from", npo_kernels.__path__[0] if hasattr(npo_kernels, "__path__") else "?")
+EOF
+
+HAVE_PYTEST=0; python -c "import pytest" 2>/dev/null && HAVE_PYTEST=1
+HAVE_PLUGIN=0; python -c "import pytest_benchmark" 2>/dev/null && HAVE_PLUGIN=1
+log "pytest: $HAVE_PYTEST, pytest-benchmark: $HAVE_PLUGIN (without it benchmarks/_shim.py stands in)"
+# addopts are overridden: pyproject's --benchmark-disable needs the plugin, and the shim registers the option.
+PYTEST=(python -m pytest -o addopts= --import-mode=importlib -q -rs -p no:cacheprovider)
+[ "$HAVE_PLUGIN" = 1 ] || PYTEST+=(-p benchmarks._shim)
+
+# 1. GPU tests (bf16 error budgets at real shapes, compile on/off, int64 offsets) of every kernel family.
+if [ "$HAVE_PYTEST" = 1 ]; then
+  log "tests: pytest tests/kernels -m gpu"
+  timeout 130 "${PYTEST[@]}" tests/kernels -m gpu > "$OUT/${TAG}_tests.txt" 2>&1
+  rc=$?
+  tail -n 15 "$OUT/${TAG}_tests.txt" | tee -a "$LOG"
+  # 5: nothing collected (no gpu-marked tests selected); 124: time limit.
+  log "tests exit code $rc"
+else
+  log "tests skipped: pytest is not installed here"
+fi
+
+# 2. Benchmarks, one JSON and one table per suite.
+run_suite() {   # name, file, time limit (s), [op for the pytest-free runner]
+  local name=$1 file=$2 limit=$3 op=${4:-}
+  [ -f "$file" ] || { log "benchmark $name: $file absent, skipped"; return; }
+  local json="$OUT/${TAG}_${name}.json"
+  log "benchmark $name (limit ${limit}s)"
+  if [ "$HAVE_PYTEST" = 1 ]; then
+    timeout "$limit" "${PYTEST[@]}" "$file" --benchmark-enable --benchmark-json="$json" \
+      > "$OUT/${TAG}_${name}_pytest.txt" 2>&1
+  elif [ -n "$op" ]; then
+    timeout "$limit" python -m benchmarks._shim "$op" "$json" > "$OUT/${TAG}_${name}_pytest.txt" 2>&1
+  else
+    log "benchmark $name needs pytest"; return
+  fi
+  local rc=$?
+  tail -n 3 "$OUT/${TAG}_${name}_pytest.txt" | tee -a "$LOG"
+  log "benchmark $name exit code $rc"
+  [ -f "$json" ] && python -m benchmarks.report "$json" --out "$OUT/${TAG}_${name}.txt" > /dev/null
+}
+run_suite logprob benchmarks/test_bench_logprob.py 90 selective_logprob
+run_suite fused_linear benchmarks/test_bench_fused_linear.py 160 fused_linear_logprob
+run_suite policy_loss benchmarks/test_bench_policy_loss.py 45
+run_suite group_advantages benchmarks/test_bench_group_advantages.py 25
+
+# 3. One report over everything that produced JSON, with the targets.
+jsons=()
+for name in logprob fused_linear policy_loss group_advantages; do
+  [ -f "$OUT/${TAG}_${name}.json" ] && jsons+=("$OUT/${TAG}_${name}.json")
+done
+if [ ${#jsons[@]} -gt 0 ]; then
+  python -m benchmarks.report "${jsons[@]}" --targets --out "$OUT/${TAG}_report.txt" | tail -n 12 | tee -a "$LOG"
+fi
+rm -rf "$PKG_DIR"
+log "done; results in $OUT"
