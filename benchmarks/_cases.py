@@ -5,7 +5,7 @@ deterministic).
 Shapes (N tokens, V vocab, H hidden):
     CPU:        selective N = 2048, V = 151936, fp32;  fused N = 2048, H = 1024, V = 151936, fp32
     CUDA:       selective N = 16384, V = 151936, bf16; fused N = 16384, H = 4096, V = 151936, bf16
-    (kernels.md)
+                (the target shape of kernels.md)
     smoke:      NPO_GPU_SMOKE=1 shrinks both to a few rows so benchmarks/gpu/run.sh can be dry-run on CPU.
 
 Providers (each returns a function `run(mode)` that does the timed work for mode fwd / bwd / fwd+bwd):

@@ -1,8 +1,7 @@
 """Turn pytest-benchmark JSON into one table per op: median time, throughput, % of the H100 floor, peak
 memory, and the speedup of every row over every other provider measured in the same run.
 
-    python -m benchmarks.report benchmarks/results/cpu_logprob.json [more.json ...] [--out table.txt]
-    [--targets]
+    python -m benchmarks.report benchmarks/results/cpu_logprob.json [more.json ...] [--out FILE] [--targets]
 
 Rows are grouped by (op, shape, dtype, mode). Columns:
     median      pytest-benchmark's median wall time of one call (CUDA runs synchronize inside the timed call)

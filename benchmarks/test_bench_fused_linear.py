@@ -1,9 +1,8 @@
 """fused_linear_logprob fwd, bwd and fwd+bwd (each followed by the same token-level PPO loss) against the
 naive `hidden @ weight.T` + log-softmax, checkpointed token chunks of 512 and, on CUDA,
-LigerFusedLinearGRPOLoss.
-Shapes, providers and rounds: `_cases.py` (on CPU one fwd+bwd takes about a minute: 2 rounds per provider).
-Peak extra memory is measured for fwd+bwd on CPU (one subprocess per provider, see `_memory.py`) and for every
-mode on CUDA.
+LigerFusedLinearGRPOLoss. Shapes, providers and rounds: `_cases.py` (on CPU one fwd+bwd takes about a
+minute: 2 rounds per provider). Peak extra memory is measured for fwd+bwd on CPU (one subprocess per
+provider, see `_memory.py`) and for every mode on CUDA.
 
     pytest benchmarks/test_bench_fused_linear.py --benchmark-enable \
         --benchmark-json=benchmarks/results/cpu_fused_linear.json

@@ -75,9 +75,9 @@ def load_tokenizer(path: str | Path):
 DEMO_MODEL_VERSION = 1
 """Bump when the recipe below changes, so cached models built by an older recipe are rebuilt."""
 _SFT_LEVELS = (1, 2, 3)
-_SFT_LEVEL_WEIGHTS = (0.3, 0.5, 0.2)  # mostly easy problems, a taste of level 3 so RL has something to sharpen
+_SFT_LEVEL_WEIGHTS = (0.4, 0.4, 0.2)  # mostly easy problems, a taste of level 3 so RL has something to sharpen
 _SFT_BATCH = 128
-_SFT_LR = 3e-3
+_SFT_LR = 1e-3
 _SFT_SEED = 1234
 
 

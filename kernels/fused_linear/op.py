@@ -2,11 +2,9 @@
 
 Layers, bottom up:
     _chunked_fwd / _chunked_bwd          PyTorch over [rows, Vt] tiles with an online logsumexp (the CPU
-    "auto"
-                                         path): the GEMM of each tile lands in one reused buffer
-    triton.fused_linear_logprob_fwd/_bwd cuBLAS GEMMs per tile + the selective_logprob Triton kernels (CUDA,
-    or
-                                         CPU tensors under TRITON_INTERPRET=1)
+                                         "auto" path): the GEMM of each tile lands in one reused buffer
+    triton.fused_linear_logprob_fwd/_bwd cuBLAS GEMMs per tile + the selective_logprob Triton kernels
+                                         (CUDA, or CPU tensors under TRITON_INTERPRET=1)
     npo_kernels::fused_linear_logprob_fwd / _bwd   torch.library custom ops around either, with fake impls
     FusedLinearLogprobFunction           autograd: saves hidden, weight, bias (no copies) and per-row lse, mu
     fused_linear_logprob                 validation and dispatch; backend="torch" is the reference itself
@@ -201,9 +199,8 @@ def _chunked_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
     i.e. g·(onehot - p) - g_H·p_j·(z_j - Σp·z) (kernels.md §2) with z_j - mu = lp2_j·ln 2 + (lse - mu), then
     dX += dz @ W_t and dW_t += dz.T @ X_t. dX, dW and db accumulate in fp32 (fp64 for fp64 inputs) across
-    tiles
-    and are cast once (kernels.md §2). Returns (dhidden, dweight, dbias), an empty [0] tensor for each not
-    needed.
+    tiles and are cast once (kernels.md §2). Returns (dhidden, dweight, dbias), an empty [0] tensor for each
+    one not needed.
     """
     num_rows, hidden_size = hidden.shape
     n_cols = weight.shape[0]
@@ -339,11 +336,9 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
     """Autograd over the two custom ops. Saves the inputs (no copies) and lse, mu [N].
 
     With `cache_tiles` (eager CPU path, dW needed) the forward runs `_chunked_fwd` directly and keeps its
-    first
-    logits tiles on `ctx.cache`, a plain list, so that the backward can pop and free them one by one;
-    autograd's
-    saved tensors would stay alive until the whole backward ends. A second backward (retain_graph) finds the
-    list empty and recomputes.
+    first logits tiles on `ctx.cache`, a plain list, so that the backward can pop and free them one by one;
+    autograd's saved tensors would stay alive until the whole backward ends. A second backward (retain_graph)
+    finds the list empty and recomputes.
     """
 
     @staticmethod

@@ -1,7 +1,6 @@
 """The specification of `fused_linear_logprob`, written to be read: the LM head, then `selective_logprob_ref`.
 
-    logits = hidden @ weight.T (+ bias)          [N, V], in the inputs' dtype, as the unfused model computes
-    it
+    logits = hidden @ weight.T (+ bias)          [N, V], in the inputs' dtype, as the unfused model has it
     logp, entropy = selective_logprob_ref(logits, targets, temperature=...)
 
 It materializes [N, V] (several times, in fp32), which is what the fused op exists to avoid; tests and

@@ -2,18 +2,17 @@
 kernels on each tile. No autograd here (see op.py); no [N, V] tensor is ever allocated.
 
 Forward, token chunks of full rows (rows·V ≤ tile_elements):
-    z = hidden[rows] @ weight.T (+ bias)       one GEMM, in the inputs' dtype, as the unfused model computes
-    it
+    z = hidden[rows] @ weight.T (+ bias)       one GEMM, in the inputs' dtype, as the unfused model has it
     _selective_logprob_fwd_kernel(z)          logp, entropy, lse, mu = Σp·z for those rows
 Backward, vocabulary-major tiles [rows, Vt] (all N rows at once whenever N·4096 ≤ tile_elements):
     z    = hidden[rows] @ weight[cols].T      recomputed (4 GEMMs in all: kernels.md §4.2, k = 4)
     dz   = _selective_logprob_bwd_kernel(z)   written over z, in z's dtype, from the saved lse / mu
     dX  += dz @ weight[cols]                  fp32 accumulator over vocabulary tiles, cast once at the end
-    dW[cols] = dz.T @ hidden[rows]            the sum over N runs inside one GEMM (fp32 in the tensor cores);
-                                              with several token chunks, an fp32 [Vt, H] accumulator, cast
-                                              once
-Numerics follow kernels.md §2: fp32 accumulation of dX and dW across chunks, (p_y - 1)·g formed in fp32 in the
-kernel, int64 row offsets and -inf tails inside the kernels.
+    dW[cols] = dz.T @ hidden[rows]            the sum over N runs inside one GEMM (fp32 in the tensor
+                                              cores); with several token chunks, an fp32 [Vt, H] accumulator,
+                                              cast once
+Numerics follow kernels.md §2: fp32 accumulation of dX and dW across chunks, (p_y - 1)·g formed in fp32 in
+the kernel, int64 row offsets and -inf tails inside the kernels.
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
-"""Synthetic verifiable tasks: integer arithmetic with difficulty levels, a train split and a disjoint
-held-out eval split.
+"""Synthetic verifiable tasks: chains of single-digit additions and subtractions with difficulty levels, a
+train split and a disjoint held-out eval split.
 
-A problem is a short expression such as `"347+58="`; its answer is the exact integer (`"405"`). Difficulty
-grows with the number of digits and the operation:
+A problem is a chain such as `"7-3+9-1="`; its answer is the exact integer (`"12"`). Level L has L + 1 terms,
+so level 1 (`"4+8="`) is a lookup while level 5 (`"3+9-7+8-2+6="`) needs five carried partial results in a
+single forward pass per output token. Answers are short (at most three characters), so the verifier is an
+exact match and a sampled completion is right or wrong, never partly right.
 
-| level | problems                                   |
-|-------|--------------------------------------------|
-| 1     | a+b, a-b with a, b < 10                    |
-| 2     | a+b, a-b with a, b < 100                   |
-| 3     | a+b, a-b with a, b < 1000; a*b, a, b < 10  |
-| 4     | a+b, a-b with a, b < 10000; a*b, a < 100, b < 10 |
-| 5     | a+b-c with a, b, c < 1000; a*b, a, b < 100 |
+| level | terms | distinct problems |
+|-------|-------|-------------------|
+| 1     | 2     | 200               |
+| 2     | 3     | 4,000             |
+| 3     | 4     | 80,000            |
+| 4     | 5     | 1.6 million       |
+| 5     | 6     | 32 million        |
 
 Splits are disjoint by construction: a problem belongs to `eval` when a stable hash of its text falls in the
 eval bucket, so the same problem can never appear in both, whatever the seeds and sizes.
@@ -20,48 +22,39 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Callable, Literal
+from typing import Literal
 
 from npo_engine.data.records import PromptRecord
 
 Split = Literal["train", "eval"]
 
-_EVAL_BUCKETS = 10  # one problem in ten (by hash) is held out for evaluation
 LEVELS = (1, 2, 3, 4, 5)
+_EVAL_BUCKETS = 10  # one problem in ten (by hash) is held out for evaluation
 
 
-def _add(rng: random.Random, bound: int) -> str:
-    return f"{rng.randrange(bound)}+{rng.randrange(bound)}="
-
-
-def _sub(rng: random.Random, bound: int) -> str:
-    return f"{rng.randrange(bound)}-{rng.randrange(bound)}="
-
-
-def _mul(rng: random.Random, bound_a: int, bound_b: int) -> str:
-    return f"{rng.randrange(bound_a)}*{rng.randrange(bound_b)}="
-
-
-def _add_sub(rng: random.Random, bound: int) -> str:
-    return f"{rng.randrange(bound)}+{rng.randrange(bound)}-{rng.randrange(bound)}="
-
-
-# Each level draws one of its generators uniformly.
-_GENERATORS: dict[int, list[Callable[[random.Random], str]]] = {
-    1: [lambda r: _add(r, 10), lambda r: _sub(r, 10)],
-    2: [lambda r: _add(r, 100), lambda r: _sub(r, 100)],
-    3: [lambda r: _add(r, 1000), lambda r: _sub(r, 1000), lambda r: _mul(r, 10, 10)],
-    4: [lambda r: _add(r, 10000), lambda r: _sub(r, 10000), lambda r: _mul(r, 100, 10)],
-    5: [lambda r: _add_sub(r, 1000), lambda r: _mul(r, 100, 100)],
-}
+def make_problem(rng: random.Random, level: int) -> str:
+    """A chain of `level + 1` random digits joined by random + and - signs, ending in "="."""
+    text = str(rng.randrange(10))
+    for _ in range(level):
+        text += rng.choice("+-") + str(rng.randrange(10))
+    return text + "="
 
 
 def solve(expression: str) -> str:
-    """The exact integer value of a problem such as `"12+3-4="` (only + - * and non-negative integers)."""
+    """The exact integer value of a chain such as `"12+3-4="` (non-negative integers, + and - only)."""
     body = expression.rstrip("=")
-    if not body or any(c not in "0123456789+-*" for c in body):
-        raise ValueError(f"not an arithmetic problem: {expression!r}")
-    return str(eval(body, {"__builtins__": {}}, {}))  # safe: the character check above admits digits and + - * only
+    if not body or body[0] not in "0123456789" or any(c not in "0123456789+-" for c in body):
+        raise ValueError(f"not an addition/subtraction chain: {expression!r}")
+    total, sign, number = 0, 1, ""
+    for char in body + "+":
+        if char.isdigit():
+            number += char
+            continue
+        if not number:
+            raise ValueError(f"not an addition/subtraction chain: {expression!r}")
+        total += sign * int(number)
+        sign, number = (1 if char == "+" else -1), ""
+    return str(total)
 
 
 def split_of(problem: str) -> Split:
@@ -70,15 +63,16 @@ def split_of(problem: str) -> Split:
 
 
 def arithmetic_problems(
-    split: Split, count: int, *, levels: tuple[int, ...] = LEVELS, seed: int = 0, weights: tuple[float, ...] | None = None
+    split: Split, count: int, *, levels: tuple[int, ...] = LEVELS, seed: int = 0,
+    weights: tuple[float, ...] | None = None,
 ) -> list[PromptRecord]:
     """`count` distinct problems of the given split, levels drawn with `weights` (uniform by default).
 
     Deterministic in (split, count, levels, seed, weights). Raises if the levels cannot supply `count`
-    distinct problems (e.g. level 1 alone has only 200).
+    distinct problems (level 1 alone has 200, of which about 20 are held out).
     """
     for level in levels:
-        if level not in _GENERATORS:
+        if level not in LEVELS:
             raise ValueError(f"arithmetic level {level} does not exist; levels are {LEVELS}")
     if weights is not None and len(weights) != len(levels):
         raise ValueError(f"weights {weights} must have one entry per level {levels}")
@@ -94,12 +88,10 @@ def arithmetic_problems(
                 "ask for fewer or add harder levels"
             )
         level = rng.choices(levels, weights=weights)[0]
-        problem = rng.choice(_GENERATORS[level])(rng)
+        problem = make_problem(rng, level)
         if problem in seen or split_of(problem) != split:
             continue
         seen.add(problem)
-        records.append(
-            PromptRecord(id=f"arith-{split}-{len(records)}", prompt=problem, answer=solve(problem),
-                         meta={"level": level})
-        )
+        records.append(PromptRecord(id=f"arith-{split}-{len(records)}", prompt=problem, answer=solve(problem),
+                                    meta={"level": level}))
     return records

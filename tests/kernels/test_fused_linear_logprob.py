@@ -3,10 +3,9 @@ the Triton path (torch GEMMs + the selective_logprob kernels, under TRITON_INTER
 reference: logp, entropy, dhidden, dweight and dbias by name.
 
 Grid rationale (tile sizes are patched down so that small shapes still cross every tile boundary):
-- V = 300, tiles of 64 columns × 4 rows: 5 vocabulary tiles with a 44-column tail and 3 token chunks of N =
-10,
-  so the online logsumexp merges across tiles, targets fall in different tiles, and dW accumulates across
-  token chunks (the fp32 accumulator path).
+- V = 300, tiles of 64 columns × 4 rows: 5 vocabulary tiles with a 44-column tail and 3 token chunks of
+  N = 10, so the online logsumexp merges across tiles, targets fall in different tiles, and dW accumulates
+  across token chunks (the fp32 accumulator path).
 - V = 1000 with all N rows in one tile: the backward's single-GEMM dW path, bias on/off.
 - V = 151936 (the Qwen vocabulary), N = 3, H = 8: the real tail with the default tile sizes.
 - ignored rows (target -1) in every case; temperature ≠ 1; entropy on/off; dlogp only / dentropy only;

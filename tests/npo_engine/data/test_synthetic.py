@@ -10,9 +10,11 @@ from npo_engine.data.synthetic import arithmetic_problems, solve, split_of
 def test_answers_are_exact():
     for record in arithmetic_problems("train", 500, seed=3):
         assert record.answer == str(eval(record.prompt[:-1]))
-    assert solve("12+30-50=") == "-8" and solve("7*8=") == "56"
-    with pytest.raises(ValueError):
-        solve("__import__('os')=")
+        assert len(record.prompt) == 2 * record.meta["level"] + 2  # level L has L + 1 single digits
+    assert solve("12+30-50=") == "-8" and solve("7=") == "7"
+    for bad in ["7*8=", "__import__('os')=", "=", "3++4=", "-3+4="]:
+        with pytest.raises(ValueError):
+            solve(bad)
 
 
 def test_splits_are_disjoint_and_deterministic():
