@@ -220,7 +220,10 @@ def fused_forward(provider: str, shape: Shape):
     if provider == "chunked_torch":
         return inputs, lambda h, w, t: ppo_token_loss(chunked_torch_fused(h, w, t), adv)
     if provider == "liger_flgrpo":
-        loss_mod = loss_cls(beta=0.0, use_ref_model=False, loss_type="dapo", temperature=TEMPERATURE)
+        try:
+            loss_mod = loss_cls(beta=0.0, use_ref_model=False, loss_type="dapo", temperature=TEMPERATURE)
+        except TypeError:   # Liger releases before loss_type / temperature existed
+            loss_mod = loss_cls(beta=0.0, use_ref_model=False)
         seq_adv = adv.view(num_seqs, shape.seq_len)[:, 0].contiguous()
         mask = torch.ones(num_seqs, shape.seq_len, device=DEVICE)
 

@@ -44,7 +44,7 @@ class ModelConfig:
     """Recompute each decoder block's activations in the backward pass to save memory."""
     demo_cache_dir: str | None = None
     """Where the built demo model is cached; null uses $NPO_CACHE_DIR, else ~/.cache/npo_engine."""
-    demo_sft_steps: int = 1500
+    demo_sft_steps: int = 500
     """Supervised warm-up steps used to build the demo model (part of its identity: changing it rebuilds it)."""
 
     def __post_init__(self) -> None:
@@ -57,8 +57,9 @@ class DataConfig:
 
     source: Literal["arithmetic", "files"] = "arithmetic"
     """arithmetic = the built-in verifiable task family; files = train_files / eval_files."""
-    levels: tuple[int, ...] = (1, 2, 3, 4, 5)
-    """Arithmetic difficulty levels in the train and eval mix (1 easiest .. 5 hardest)."""
+    levels: tuple[int, ...] = (3, 4, 5)
+    """Arithmetic difficulty levels in the train and eval mix (1 easiest .. 5 hardest; the demo model is
+    warmed up on 1-3, so 4 and 5 are where RL has to generalize)."""
     train_size: int = 20000
     """Number of distinct arithmetic training prompts."""
     eval_size: int = 200
@@ -81,7 +82,7 @@ class DataConfig:
     """Wrap each prompt as a user message with the tokenizer's chat template."""
     max_prompt_tokens: int = 512
     """Prompts longer than this (in tokens) are an error naming the prompt id."""
-    prompts_per_step: int = 32
+    prompts_per_step: int = 64
     """Prompts per optimizer step, across all ranks (each gets rollout.group_size completions)."""
     shuffle: bool = True
     """Shuffle the training prompts each epoch (seeded by train.seed)."""
@@ -108,7 +109,7 @@ class RolloutConfig:
     """Rollout engine: embedded = batched PyTorch sampler with a KV cache, colocated on each rank."""
     group_size: int = 8
     """Completions per prompt (n); advantages are relative within each group."""
-    max_new_tokens: int = 8
+    max_new_tokens: int = 6
     """Generation cap per completion, EOS included."""
     temperature: float = 1.0
     """Sampling temperature of training rollouts (also applied to the trainer's log-probs)."""
@@ -192,7 +193,7 @@ class AlgoConfig:
 class OptimConfig:
     """AdamW with linear warmup, gradient clipping and micro-batching."""
 
-    lr: float = 2e-4
+    lr: float = 3e-5
     """Peak learning rate."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
@@ -206,6 +207,11 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0 disables clipping)."""
     micro_batch_size: int = 64
     """Sequences per forward/backward on each rank; gradients accumulate across micro-batches."""
+    mini_batches: int = 4
+    """AdamW updates per step: the step's groups are split into this many mini-batches (PPO style; verl's
+    ppo_mini_batch_size). Updates after the first are slightly off-policy, and the clip bounds them."""
+    epochs: int = 1
+    """Passes over the step's mini-batches (PPO epochs)."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", self.lr, "use a positive learning rate, e.g. 1e-6 for billion-scale models")
@@ -215,6 +221,8 @@ class OptimConfig:
         _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "use a count >= 0")
         _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "use a value >= 0 (0 disables clipping)")
         _check(self.micro_batch_size >= 1, "optim.micro_batch_size", self.micro_batch_size, "use a count >= 1")
+        _check(self.mini_batches >= 1, "optim.mini_batches", self.mini_batches, "use a count >= 1")
+        _check(self.epochs >= 1, "optim.epochs", self.epochs, "use a count >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,7 +251,7 @@ class LoggingConfig:
     """Show a progress bar with reward, accuracy, step time and ETA."""
     tensorboard: bool = False
     """Also write TensorBoard scalars to the run directory (needs the tensorboard package)."""
-    eval_every: int = 10
+    eval_every: int = 25
     """Greedy held-out evaluation every k steps (and before the first); 0 evaluates only before and after."""
 
     def __post_init__(self) -> None:
@@ -266,7 +274,7 @@ class RunConfig:
     """Run name: the run directory is runs_dir/name unless --run-dir is given."""
     runs_dir: str = "runs"
     """Parent directory of run directories."""
-    steps: int = 60
+    steps: int = 300
     """Optimizer steps to train."""
     seed: int = 0
     """Seed of data order, sampling and initialization; every rank derives its own streams from it."""

@@ -255,15 +255,31 @@ class Trainer:
                           policy_id=torch.tensor(groups.policy_id, device=to))
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
-        """Recompute log-probs, take the policy loss over micro-batches, and step AdamW (skipped if non-finite)."""
+        """Fix the behaviour log-probs, then take `optim.epochs` passes of `optim.mini_batches` AdamW updates.
+
+        With one update per step (the default) the ratio is exactly 1 and the loss is a plain policy gradient;
+        with several, later updates are slightly off-policy and the PPO clip bounds them.
+        """
         cfg = self.cfg
-        temperature = cfg.rollout.temperature
         engine_logp = batch.behavior_logp
         if cfg.rollout.behavior_logp == "recompute":
             with torch.no_grad():
-                batch.behavior_logp = self._logprobs(batch, temperature)
+                batch.behavior_logp = self._logprobs(batch, cfg.rollout.temperature)
         mismatch = (engine_logp - batch.behavior_logp).abs()[batch.completion_mask]
 
+        updates = [self._optimizer_update(mini) for _ in range(cfg.optim.epochs)
+                   for mini in self._mini_batches(batch)]
+        out = {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]}
+        out["optim/skipped"] = sum(u["optim/skipped"] for u in updates)
+        self.scheduler.step()
+        n_mismatch = all_reduce_sum(torch.tensor([mismatch.sum().item(), mismatch.numel()], dtype=torch.float64))
+        out["mismatch/logp_abs"] = n_mismatch[0].item() / max(n_mismatch[1].item(), 1.0)
+        return out
+
+    def _optimizer_update(self, batch: TrainBatch) -> dict[str, float]:
+        """One AdamW update on `batch`, accumulated over micro-batches; skipped if the loss or gradient is
+        non-finite (the weights are never touched then)."""
+        cfg = self.cfg
         # Each micro-batch's loss is weighted by its share of the global normalizer (sequences or tokens,
         # summed over ranks), so the accumulated gradient equals that of the whole batch at once.
         units = self._loss_units(batch)
@@ -274,7 +290,7 @@ class Trainer:
         for lo in range(0, batch.input_ids.shape[0], micro):
             mb = batch.rows(lo, lo + micro)
             logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.completion_mask,
-                                        temperature=temperature, return_entropy=True)
+                                        temperature=cfg.rollout.temperature, return_entropy=True)
             loss, pg_metrics = self.policy_loss(logp, mb.behavior_logp, mb.advantages, mb.completion_mask,
                                                 cfg.algo, policy_id=mb.policy_id,
                                                 norm_length=cfg.rollout.max_new_tokens, backend=cfg.kernels.backend)
@@ -293,9 +309,7 @@ class Trainer:
         finite = bool(all_reduce_sum(finite.float().reshape(1)).item() == self.dist.world_size)
         if finite:
             self.optimizer.step()
-            self.scheduler.step()
         else:
-            # A non-finite loss or gradient never reaches the weights; the step is recorded and skipped.
             self.optimizer.zero_grad(set_to_none=True)
             self.metrics.event("nonfinite_step_skipped", step=self.step_index + 1,
                                grad_norm=float(grad_norm), loss=float(totals["loss/pg"]))
@@ -307,9 +321,15 @@ class Trainer:
         out |= {k: v / tokens for k, v in reduced.items()}
         out["optim/grad_norm"] = float(grad_norm)
         out["optim/skipped"] = float(not finite)
-        n_mismatch = all_reduce_sum(torch.tensor([mismatch.sum().item(), mismatch.numel()], dtype=torch.float64))
-        out["mismatch/logp_abs"] = n_mismatch[0].item() / max(n_mismatch[1].item(), 1.0)
         return out
+
+    def _mini_batches(self, batch: TrainBatch) -> list[TrainBatch]:
+        """`optim.mini_batches` slices of whole groups (rows are prompt-major, `group_size` per prompt)."""
+        n = self.cfg.rollout.group_size
+        groups = batch.input_ids.shape[0] // n
+        count = min(self.cfg.optim.mini_batches, groups)
+        bounds = [round(i * groups / count) * n for i in range(count + 1)]
+        return [batch.rows(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

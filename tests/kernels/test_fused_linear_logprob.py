@@ -34,6 +34,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 IMPLS = ["chunked", "triton"] if (HAS_CUDA or INTERPRETED) else ["chunked"]
 GRAD_NAMES = ("dhidden", "dweight", "dbias")
 
@@ -62,9 +63,15 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(fl_triton, "_MIN_VOCAB_TILE", 64)
 
 
-def run_impl(impl, hidden, weight, targets, **kw):
-    backend = "auto" if impl == "chunked" else "triton"
-    return fused_linear_logprob(hidden, weight, targets, backend=backend, **kw)
+def run_impl(impl, hidden, weight, targets, bias=None, **kw):
+    """CPU tensors in and out. "triton" runs on CUDA copies when there is a GPU (differentiably moved back)."""
+    if impl == "chunked":
+        return fused_linear_logprob(hidden, weight, targets, bias=bias, **kw)
+    if not INTERPRETED:
+        hidden, weight, targets = hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE)
+        bias = None if bias is None else bias.to(DEVICE)
+    out = fused_linear_logprob(hidden, weight, targets, bias=bias, backend="triton", **kw)
+    return tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()
 
 
 def outputs_and_grads(fn, hidden, weight, bias, targets, g_logp, g_entropy, **kw):

@@ -75,9 +75,14 @@ def logit_atol(logits: torch.Tensor, temperature: float = 1.0) -> float:
 
 
 def run_impl(impl: str, logits, targets, temperature=1.0, return_entropy=True):
-    backend = "auto" if impl == "chunked" else "triton"
-    return selective_logprob(logits, targets, temperature=temperature, return_entropy=return_entropy,
-                             backend=backend)
+    """CPU tensors in and out. "triton" runs on CUDA copies when there is a GPU (differentiably moved back)."""
+    if impl == "chunked":
+        return selective_logprob(logits, targets, temperature=temperature, return_entropy=return_entropy)
+    if not INTERPRETED:
+        logits, targets = logits.to(DEVICE), targets.to(DEVICE)
+    out = selective_logprob(logits, targets, temperature=temperature, return_entropy=return_entropy,
+                            backend="triton")
+    return tuple(t.cpu() for t in out) if return_entropy else out.cpu()
 
 
 def grads_of(fn, logits, targets, g_logp, g_entropy, **kw):
