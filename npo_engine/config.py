@@ -278,9 +278,13 @@ class RunConfig:
     """Optimizer steps to train."""
     seed: int = 0
     """Seed of data order, sampling and initialization; every rank derives its own streams from it."""
+    cpu_threads: int = 1
+    """Torch CPU threads per process when training on the CPU (0 keeps torch's default). The demo model is too
+    small to gain from more, and oversubscribed cores slow every step down many times over."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "run.steps", self.steps, "use a count >= 0")
+        _check(self.cpu_threads >= 0, "run.cpu_threads", self.cpu_threads, "use a count >= 0 (0 = torch default)")
         _check(bool(self.name) and "/" not in self.name, "run.name", self.name, "use a plain non-empty name")
 
 

@@ -130,7 +130,9 @@ def train_demo_model(tokenizer: PreTrainedTokenizerFast, steps: int, *, progress
     from npo_engine.data.synthetic import arithmetic_problems
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))  # reduction order depends on the thread count
+    # One thread: the reduction order (hence the exact weights) depends on the thread count, and a model this
+    # small gains nothing from more while losing a lot when other processes compete for the cores.
+    torch.set_num_threads(1)
     try:
         torch.manual_seed(_SFT_SEED)
         model = Qwen2ForCausalLM(demo_model_config(len(tokenizer)))

@@ -89,6 +89,8 @@ class Trainer:
         self.cfg = cfg
         self.dist = init_distributed()
         self.device = self.dist.device
+        if self.device.type == "cpu" and cfg.run.cpu_threads:
+            torch.set_num_threads(cfg.run.cpu_threads)
         if cfg.data.prompts_per_step % self.dist.world_size:
             raise ValueError(
                 f"data.prompts_per_step = {cfg.data.prompts_per_step} must be a multiple of the number of ranks "

@@ -86,6 +86,21 @@ def test_resume_gives_the_same_metrics(tmp_path, cache_dir):
     assert any(r["optim/grad_norm"] > 0 for r in a[3:])  # the compared steps really trained
 
 
+def test_activation_checkpointing_gives_the_same_step(tmp_path, cache_dir):
+    from npo_engine import Trainer
+
+    plain = Trainer(tiny_config(cache_dir, "run.steps=1"), run_dir=tmp_path / "plain")
+    recomputed = Trainer(tiny_config(cache_dir, "run.steps=1", "model.activation_checkpointing=true"),
+                         run_dir=tmp_path / "recomputed")
+    a, b = plain.step(), recomputed.step()
+    for key in _COMPARED:
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    names = {k.replace("_checkpoint_wrapped_module.", "") for k in recomputed.policy.lm.state_dict()}
+    assert names == set(plain.policy.lm.state_dict())  # exports and weight sync see Hugging Face names
+    plain.close()
+    recomputed.close()
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, cache_dir):
     from npo_engine import Trainer
 
