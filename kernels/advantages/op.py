@@ -5,20 +5,14 @@ Not differentiable (advantages are constants of the policy-gradient loss), so th
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
 
+from .._dispatch import BACKENDS, check_choice, use_triton
 from .reference import ADVANTAGE_MODES, STATS_MODES, AdvantageMode, StatsMode, group_advantages_ref
 
 Backend = Literal["auto", "triton", "torch"]
-BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"group_advantages: {name}={value!r} is not valid; choose one of {list(choices)}")
 
 
 def _check_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, policy_id: torch.Tensor | None) -> None:
@@ -34,18 +28,6 @@ def _check_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, policy_id: tor
                              f"dtype {t.dtype}")
         if t.device != rewards.device:
             raise ValueError(f"group_advantages: {name} is on {t.device} but rewards on {rewards.device}")
-
-
-def _use_triton(backend: str, device: torch.device) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return device.type == "cuda"
-    # backend == "triton": CPU tensors only work under the Triton interpreter.
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("group_advantages: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
-                         f"(set before importing triton) for CPU tensors; got device {device}")
-    return True
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, mode: AdvantageMode = "grpo",
@@ -68,13 +50,13 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, mode: Ad
     Returns:
         advantages: [B] fp32 on rewards' device.
     """
-    _check_choice("mode", mode, list(ADVANTAGE_MODES))
-    _check_choice("stats", stats, STATS_MODES)
-    _check_choice("backend", backend, BACKENDS)
+    check_choice("group_advantages", "mode", mode, list(ADVANTAGE_MODES))
+    check_choice("group_advantages", "stats", stats, STATS_MODES)
+    check_choice("group_advantages", "backend", backend, BACKENDS)
     if not eps >= 0:
         raise ValueError(f"group_advantages: eps={eps!r} must be >= 0 (it is added to the group std)")
     _check_inputs(rewards, group_ids, policy_id)
-    if _use_triton(backend, rewards.device):
+    if use_triton("group_advantages", backend, rewards.device):
         from .triton import group_advantages_triton  # imported lazily: CPU-only installs may lack triton
 
         return group_advantages_triton(rewards, group_ids, mode=mode, eps=eps, policy_id=policy_id,

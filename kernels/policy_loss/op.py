@@ -10,11 +10,11 @@ The ops are registered with torch.library (fake impls + autograd), so torch.comp
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
 
+from .._dispatch import BACKENDS, check_choice, use_triton
 from .reference import (
     AGGREGATIONS,
     GUIDE_TRANSFORMS,
@@ -26,7 +26,6 @@ from .reference import (
 )
 
 Backend = Literal["auto", "triton", "torch"]
-BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 _NUM_STATS = 5  # tokens, clipped, dual_clipped, ratio, neg_log_ratio: RowSums after `loss`
 
 
@@ -96,16 +95,12 @@ _policy_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- Public op ---------------------------------------------------------------------------------------------
 
-def _check_choice(name: str, value: object, choices: list[str] | tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"policy_loss: {name}={value!r} is not valid; choose one of {list(choices)}")
-
 
 def _check_args(logp, behavior_logp, advantages, mask, policy_id, clip_low, clip_high, dual_clip,
                 guide_transform, shaping_gamma, agg, norm_length, backend) -> None:
-    _check_choice("agg", agg, list(AGGREGATIONS))
-    _check_choice("guide_transform", guide_transform, list(GUIDE_TRANSFORMS))
-    _check_choice("backend", backend, BACKENDS)
+    check_choice("policy_loss", "agg", agg, list(AGGREGATIONS))
+    check_choice("policy_loss", "guide_transform", guide_transform, list(GUIDE_TRANSFORMS))
+    check_choice("policy_loss", "backend", backend, BACKENDS)
     if not 0.0 <= clip_low < 1.0:
         raise ValueError(f"policy_loss: clip_low={clip_low!r} must be in [0, 1) so the lower bound "
                          "1 - clip_low stays a positive ratio")
@@ -137,18 +132,6 @@ def _check_args(logp, behavior_logp, advantages, mask, policy_id, clip_low, clip
             raise ValueError(f"policy_loss: {name} is on {t.device} but logp on {logp.device}")
     if policy_id is not None and policy_id.is_floating_point():
         raise ValueError(f"policy_loss: policy_id must be an integer tensor, got dtype {policy_id.dtype}")
-
-
-def _use_triton(backend: str, device: torch.device) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return device.type == "cuda"
-    # backend == "triton": CPU tensors only work under the Triton interpreter.
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("policy_loss: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set "
-                         f"before importing triton) for CPU tensors; got device {device}")
-    return True
 
 
 def policy_loss(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -186,7 +169,7 @@ def policy_loss(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: tor
                 guide_transform, shaping_gamma, agg, norm_length, backend)
     kwargs = dict(policy_id=policy_id, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                   guide_transform=guide_transform, shaping_gamma=shaping_gamma)
-    if not _use_triton(backend, logp.device):
+    if not use_triton("policy_loss", backend, logp.device):
         return policy_loss_ref(logp, behavior_logp, advantages, mask, agg=agg, norm_length=norm_length,
                                **kwargs)
 
