@@ -209,7 +209,9 @@ class LogprobModel(torch.nn.Module):
         """
         from npo_kernels import fused_linear_logprob
 
-        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
+        # No KV cache: it is useless here, and activation checkpointing would append to it twice.
+        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
+                               use_cache=False).last_hidden_state  # [B, L, H]
         # Position j is predicted from the hidden state at j - 1: score only the selected positions.
         scored = target_mask[:, 1:]
         rows = hidden[:, :-1][scored]  # [N, H]

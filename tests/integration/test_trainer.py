@@ -122,14 +122,15 @@ def test_nonfinite_loss_skips_the_step(tmp_path, cache_dir, monkeypatch):
     trainer.policy_loss = poisoned
     before = fingerprint(trainer.policy.lm.state_dict())
     metrics = trainer.step()
-    assert metrics["optim/skipped"] == 1.0
+    updates = min(trainer.cfg.optim.mini_batches, trainer.cfg.data.prompts_per_step) * trainer.cfg.optim.epochs
+    assert metrics["optim/skipped"] == updates  # every mini-batch update of the step was skipped
     assert fingerprint(trainer.policy.lm.state_dict()) == before
     assert fingerprint(trainer.engine.model.state_dict()) == pytest.approx(before, rel=1e-12)
     trainer.policy_loss = real_loss
     assert trainer.step()["optim/skipped"] == 0.0
     trainer.close()
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
-    assert [e["kind"] for e in events] == ["nonfinite_step_skipped"]
+    assert [e["kind"] for e in events] == ["nonfinite_step_skipped"] * updates
 
 
 def _free_port() -> int:
