@@ -15,6 +15,11 @@ def check_choice(op: str, name: str, value: object, choices: tuple[str, ...] | l
         raise ValueError(f"{op}: {name}={value!r} is not valid; choose one of {list(choices)}")
 
 
+def triton_interpreter_enabled() -> bool:
+    """Whether TRITON_INTERPRET asks for the interpreter (any value but empty or "0", as triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def use_triton(op: str, backend: str, device: torch.device) -> bool:
     """True to run the Triton kernels: "auto" on CUDA tensors, "triton" anywhere the kernels can run.
 
@@ -24,7 +29,7 @@ def use_triton(op: str, backend: str, device: torch.device) -> bool:
         return False
     if backend == "auto":
         return device.type == "cuda"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and not triton_interpreter_enabled():
         raise ValueError(f"{op}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before "
                          f"importing triton) for CPU tensors; got device {device}")
     return True

@@ -13,15 +13,14 @@ Nothing here writes into the caller's logits (kernels.md §3: in-place gradients
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
 
+from .._dispatch import BACKENDS, triton_interpreter_enabled
 from .reference import selective_logprob_ref
 
 Backend = Literal["auto", "triton", "torch"]
-BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
 # Elements per row chunk of the CPU path (fp32: 32 MB per buffer, ~55 rows at V = 151936). Large enough that
 # per-call overhead and thread start-up vanish, small enough to stay near the L3 and add ≤ ~3 buffers of
@@ -218,10 +217,6 @@ class SelectiveLogprobFunction(torch.autograd.Function):
 
 
 # ---- Public function ---------------------------------------------------------------------------------------
-
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def resolve_impl(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Map the public `backend` to "triton", "chunked" or "torch", or raise a ValueError that says why."""

@@ -28,12 +28,13 @@ import npo_kernels.fused_linear.op as fl_op  # noqa: E402
 import npo_kernels.fused_linear.triton as fl_triton  # noqa: E402
 from npo_kernels.fused_linear.op import fused_linear_logprob  # noqa: E402
 from npo_kernels.fused_linear.reference import fused_linear_logprob_ref  # noqa: E402
+from npo_kernels._dispatch import triton_interpreter_enabled  # noqa: E402
 from npo_kernels.testing import assert_close  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 HAS_CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETED = triton_interpreter_enabled()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 IMPLS = ["chunked", "triton"] if (HAS_CUDA or INTERPRETED) else ["chunked"]
 GRAD_NAMES = ("dhidden", "dweight", "dbias")
