@@ -12,6 +12,7 @@ every optimizer step. A single process runs the identical path with no process g
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -182,9 +183,8 @@ class Trainer:
         self.step_index += 1
 
         metrics |= self._group_metrics(groups)
-        if self._evaluating and cfg.logging.eval_every and self.step_index % cfg.logging.eval_every == 0:
-            metrics.update(self.evaluate())
-        elif self._evaluating and self.step_index == cfg.run.steps:
+        every = cfg.logging.eval_every
+        if self._evaluating and ((every and self.step_index % every == 0) or self.step_index == cfg.run.steps):
             metrics.update(self.evaluate())
         metrics["time/step"] = time.perf_counter() - start
         metrics["throughput/tokens_per_s"] = metrics["rollout/tokens"] / max(metrics["time/rollout"], 1e-9)
@@ -464,8 +464,6 @@ class Trainer:
 
 def _stream_seed(seed: int, stream: str, step: int, rank: int) -> int:
     """A seed for one random stream of one step on one rank, independent of how the run got there (resume)."""
-    import hashlib
-
     digest = hashlib.sha256(f"{seed}/{stream}/{step}/{rank}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
