@@ -1,15 +1,14 @@
-"""Installs two packages: the engine (`npo_engine`) and its kernels (`npo_kernels`, from the folder `kernels/`).
+"""Installs two packages: the engine (`npo_engine`) and its kernels (`npo_kernels`, in `kernels/npo_kernels/`).
 
-The kernels are installed under `npo_kernels`, not `kernels`: Hugging Face's `kernels` package owns that name
-and transformers probes for it, so a local `kernels` would be mistaken for it.
+`kernels/` is a plain folder, not a package: Hugging Face's `kernels` package owns that import name and
+transformers imports it at start, so from the repository root (where `python -m` and `torchrun -m` put the
+current directory first on sys.path) a package named `kernels` here would shadow it.
 """
 
 from setuptools import find_packages, setup
 
 engine_packages = find_packages(include=["npo_engine", "npo_engine.*"])
-kernel_packages = ["npo_kernels"] + [
-    "npo_kernels." + name[len("kernels."):] for name in find_packages(include=["kernels.*"])
-]
+kernel_packages = find_packages(where="kernels", include=["npo_kernels", "npo_kernels.*"])
 
 setup(
     name="npo_engine",
@@ -17,7 +16,7 @@ setup(
     description="RL post-training engine for LLMs with Near-Future Policy Optimization (NPO) and AutoNPO",
     python_requires=">=3.11",
     packages=engine_packages + kernel_packages,
-    package_dir={"npo_kernels": "kernels"},
+    package_dir={"npo_kernels": "kernels/npo_kernels"},
     package_data={"npo_engine": ["py.typed"]},
     install_requires=[
         # 2.6 brought fully_shard to torch.distributed.fsdp and DTensor state dicts in DCP; the CPU build of

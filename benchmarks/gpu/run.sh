@@ -18,11 +18,9 @@ LOG="$OUT/${TAG}_run.log"
 : > "$LOG"
 log() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
 
-# The repository is copied, not installed: expose kernels/ under its import name, and the repo root for
-# `benchmarks`.
-PKG_DIR="$(mktemp -d)"
-ln -sfn "$PWD/kernels" "$PKG_DIR/npo_kernels"
-export PYTHONPATH="$PWD:$PKG_DIR${PYTHONPATH:+:$PYTHONPATH}"
+# The repository is copied, not installed: kernels/ holds the package npo_kernels, and the repo root holds
+# npo_engine and `benchmarks`.
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
 
 python - <<'EOF' 2>&1 | tee -a "$LOG"
@@ -88,5 +86,4 @@ done
 if [ ${#jsons[@]} -gt 0 ]; then
   python -m benchmarks.report "${jsons[@]}" --targets --out "$OUT/${TAG}_report.txt" | tail -n 12 | tee -a "$LOG"
 fi
-rm -rf "$PKG_DIR"
 log "done; results in $OUT"

@@ -7,13 +7,9 @@ Ops (each takes `backend="auto" | "triton" | "torch"`):
 - `group_advantages(rewards, group_ids)`: GRPO / Dr.GRPO / RLOO advantages over arbitrary groups.
 """
 
-# From the repository root (python -m ..., torchrun -m ...) this folder is also visible as a top-level
-# `kernels`, which transformers imports while probing for Hugging Face's `kernels` package. Under that name the
-# module stays inert, so the custom ops are registered once, under `npo_kernels`, and the probe finds no version.
-if __name__ == "npo_kernels":
-    from .advantages.op import group_advantages
-    from .fused_linear.op import fused_linear_logprob
-    from .logprob.op import selective_logprob
-    from .policy_loss.op import policy_loss
+from .advantages.op import group_advantages
+from .fused_linear.op import fused_linear_logprob
+from .logprob.op import selective_logprob
+from .policy_loss.op import policy_loss
 
 __all__ = ["fused_linear_logprob", "group_advantages", "policy_loss", "selective_logprob"]
