@@ -1,0 +1,117 @@
+"""Worker for test_weights.py::test_fsdp2_gather_two_ranks: `torchrun --nproc_per_node=2 <this> <out_dir>`.
+
+Each rank builds the same tiny tied-embedding Qwen2 (vocabulary 37, so the embedding shards unevenly), keeps an
+unsharded copy as the reference, builds two colocated engines as the Trainer does (fp32 and bf16 deep copies),
+then shards the policy with `npo_engine.distributed.shard_model` (FSDP2, gloo) and takes one AdamW step on its
+own batch. The reference takes the same step unsharded on the mean of both ranks' losses, which is what FSDP2's
+averaged gradient reduction computes. `push_weights` then fills both engines, and each rank writes
+`rank<r>.json`: how far its fp32 engine is from the reference, whether its bf16 engine holds exactly the fp32
+weights cast to bf16, which names were sent, and a fingerprint to compare across ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+from transformers import Qwen2ForCausalLM
+
+from npo_engine.distributed import decoder_layers, init_distributed, shard_model, shutdown_distributed
+from npo_engine.models import LogprobModel, demo_model_config
+from npo_engine.rollout.embedded import EmbeddedEngine
+from npo_engine.sync import fingerprint, push_weights
+
+VOCAB = 37
+EOS, PAD = 1, 0
+LR = 1e-2
+
+
+class RecordingEngine(EmbeddedEngine):
+    """Records the names of every tensor it receives."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.received: list[str] = []
+
+    def update_weights(self, named_tensors):
+        named_tensors = list(named_tensors)
+        self.received += [name for name, _ in named_tensors]
+        super().update_weights(named_tensors)
+
+
+def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s batch: [2, 8] ids, the second row right-padded by 2; the last 4 real tokens are scored."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    input_ids = torch.randint(3, VOCAB, (2, 8), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    input_ids[1, 6:], attention_mask[1, 6:] = PAD, 0
+    target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    target_mask[0, 4:8] = True
+    target_mask[1, 2:6] = True
+    return input_ids, attention_mask, target_mask
+
+
+def step_loss(policy: torch.nn.Module, rank: int) -> torch.Tensor:
+    """Mean negative log-prob of the scored tokens of `rank`'s batch."""
+    input_ids, attention_mask, target_mask = batch(rank)
+    logp, _ = policy(input_ids, attention_mask, target_mask)
+    return -(logp * target_mask).sum() / target_mask.sum()
+
+
+def main(out: Path) -> None:
+    d = init_distributed()
+    torch.manual_seed(0)  # the same initial weights on both ranks
+    config = demo_model_config(VOCAB)
+    config.num_hidden_layers = 2
+    lm = Qwen2ForCausalLM(config)
+    initial = {name: t.clone() for name, t in lm.state_dict().items()}
+    reference = copy.deepcopy(lm)
+    engine32 = RecordingEngine(copy.deepcopy(lm), eos_token_id=EOS, pad_token_id=PAD)
+    engine16 = RecordingEngine(copy.deepcopy(lm).to(torch.bfloat16), eos_token_id=EOS, pad_token_id=PAD)
+
+    policy = shard_model(LogprobModel(lm), decoder_layers(lm), d, param_dtype=None)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=LR)
+    step_loss(policy, d.rank).backward()
+    optimizer.step()
+
+    ref_policy = LogprobModel(reference)
+    ref_optimizer = torch.optim.AdamW(ref_policy.parameters(), lr=LR)
+    ((step_loss(ref_policy, 0) + step_loss(ref_policy, 1)) / 2).backward()
+    ref_optimizer.step()
+
+    push_weights(lm, engine32)
+    push_weights(lm, engine16, dtype=torch.bfloat16)
+
+    got32, got16 = engine32.model.state_dict(), engine16.model.state_dict()
+    expected = reference.state_dict()
+    diffs = {name: (got32[name] - t).abs().max().item() for name, t in expected.items()}
+    bf16_mismatch = [name for name, t in got32.items() if not torch.equal(got16[name], t.to(torch.bfloat16))]
+    tied_names = {"model.embed_tokens.weight", "lm_head.weight"}
+    report = {
+        "sharded_params": sum(isinstance(p, DTensor) for p in lm.parameters()),
+        "embedding_rows_local": lm.model.embed_tokens.weight.to_local().shape[0],
+        "tied_after_sharding": lm.lm_head.weight is lm.model.embed_tokens.weight,
+        "moved": max((got32[name] - t).abs().max().item() for name, t in initial.items()),
+        "fp32_keys_match": got32.keys() == expected.keys(),
+        "fp32_max_abs_diff": max(diffs.values()),
+        "fp32_worst": max(diffs, key=diffs.get),
+        "bf16_equals_cast": not bf16_mismatch,
+        "bf16_mismatch": bf16_mismatch,
+        # every tensor once, the tied pair under one of its names
+        "names_sent_once": all(
+            len(e.received) == len(set(e.received)) == len(expected) - 1
+            and set(e.received) | tied_names == set(expected)
+            for e in (engine32, engine16)
+        ),
+        "fingerprint": fingerprint(got32),
+    }
+    (out / f"rank{d.rank}.json").write_text(json.dumps(report, indent=1))
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
