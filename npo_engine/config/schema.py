@@ -1,26 +1,20 @@
-"""Typed, frozen run configuration: one dataclass per component, a docstring under every field, validation in
-`__post_init__`, YAML files plus dotted `key.sub=value` overrides.
+"""The run configuration's schema: one frozen dataclass per component, a docstring under every field, and the
+checks of each value in `__post_init__`. Reading YAML files and overrides lives in `loader.py`; a new section
+adds a dataclass here and a field of `TrainConfig`, never loader code.
 
-    cfg = load_config("configs/demo.yaml", ["algo.clip_high=0.28", "train.steps=50"])
-
-Unknown keys are errors that name the closest valid key; bad values name the field, the value and the fix.
-Each default lives here and only here.
+Bad values raise a `ConfigError` naming the field, the value and the fix. Each default lives here and only here;
+checks that involve two sections live in `TrainConfig.__post_init__`.
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import difflib
-import inspect
-import textwrap
-import typing
 from dataclasses import dataclass, field
-from functools import cache
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+
+__all__ = ["AlgoConfig", "CheckpointConfig", "ConfigError", "DataConfig", "KernelConfig", "LoggingConfig",
+           "MixConfig", "ModelConfig", "NPOConfig", "OptimConfig", "RewardConfig", "RolloutConfig", "RunConfig",
+           "TrainConfig"]
 
 
 class ConfigError(ValueError):
@@ -190,6 +184,62 @@ class AlgoConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MixConfig:
+    """Who fills rollout slots besides the current policy (npo_method.md §5-§8)."""
+
+    mode: Literal["none", "npo"] = "none"
+    """none = plain GRPO; npo = on gated prompts, one slot of the group holds a verified trajectory of a later
+    checkpoint of this run (the `npo` section says when those guides are made)."""
+    gate: float = 0.6
+    """Replace a slot only when the group's on-policy accuracy over all n samples is at or below this
+    (inclusive; paper: 0.6, i.e. at most 4 of 8 correct)."""
+    guide_is: Literal["exact", "none", "decoupled"] = "exact"
+    """Ratio of guide tokens: exact = pi_theta / pi_guide with the recorded guide log-probs and the PPO clip;
+    none = treated as on-policy (pi_theta / pi_old recomputed on the guide tokens); decoupled = the PPO clip on
+    pi_theta / pi_old times the truncated weight min(pi_old / pi_guide, decoupled_cap)."""
+    decoupled_cap: float = 2.0
+    """C of guide_is = decoupled: the per-token weight pi_old / pi_guide is truncated at C."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.gate <= 1.0, "mix.gate", self.gate,
+               "the gate is a group-accuracy threshold; use a value in [0, 1] (paper: 0.6)")
+        _check(self.decoupled_cap >= 1.0, "mix.decoupled_cap", self.decoupled_cap,
+               "use a truncation level >= 1, e.g. 2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NPOConfig:
+    """When NPO makes its guides: the early bootstrap and the late plateau intervention (npo_method.md §9-§10).
+
+    Each intervention trains ahead from step t for D steps, makes the weights it reaches the guide, caches one
+    verified guide trajectory per prompt of the window [t, t + D), rolls the run back to t (weights, optimizer,
+    schedule, data position, RNG) and replays the window with guide slots.
+    """
+
+    early: bool = True
+    """Early bootstrap: a scout run of early_steps from the start is the guide for the first early_steps."""
+    early_steps: int = 20
+    """Scout length and replay window of the early bootstrap (D_e; paper: about 20 at the base model)."""
+    late_start: int | None = None
+    """Step t_p where the plateau starts (user-given); null disables the late intervention."""
+    late_steps: int = 70
+    """Train-ahead distance and replay window of the late intervention (D_l; paper: about 70 mid-training)."""
+    k_guide: int = 8
+    """Guide samples per prompt when the cache is built; one verified-correct sample is kept, chosen uniformly."""
+    guide_temperature: float = 1.0
+    """Sampling temperature of the guide when the cache is built."""
+
+    def __post_init__(self) -> None:
+        _check(self.early_steps >= 1, "npo.early_steps", self.early_steps, "use a window of >= 1 steps")
+        _check(self.late_start is None or self.late_start >= 0, "npo.late_start", self.late_start,
+               "use null (off) or a step >= 0")
+        _check(self.late_steps >= 1, "npo.late_steps", self.late_steps, "use a window of >= 1 steps")
+        _check(self.k_guide >= 1, "npo.k_guide", self.k_guide, "use a count >= 1 (project default 8)")
+        _check(self.guide_temperature > 0, "npo.guide_temperature", self.guide_temperature,
+               "the guide must sample; use a temperature > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     """AdamW with linear warmup, gradient clipping and micro-batching."""
 
@@ -253,6 +303,9 @@ class LoggingConfig:
     """Also write TensorBoard scalars to the run directory (needs the tensorboard package)."""
     eval_every: int = 25
     """Greedy held-out evaluation every k steps (and before the first); 0 evaluates only before and after."""
+    dump_rollouts: bool = False
+    """Write every trained sample to rollouts/step_XXXXXX.jsonl (prompt id, group, source, reward, advantage,
+    the group's on-policy accuracy before mixing, token count, completion text)."""
 
     def __post_init__(self) -> None:
         _check(self.eval_every >= 0, "logging.eval_every", self.eval_every, "use a count >= 0")
@@ -302,191 +355,22 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    npo: NPOConfig = field(default_factory=NPOConfig)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Building a config from nested dicts (YAML) and dotted overrides
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert a YAML value to the annotated type, or raise a ConfigError naming the key."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping of its fields, got {value!r}")
-        return _build(annotation, value, key + ".")
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: cannot use {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key} = {value!r} is invalid: choose one of {', '.join(map(repr, args))}")
-        return value
-    if origin is tuple:
-        if isinstance(value, (str, int, float)):
-            value = [value]  # `levels=3` or `train_files=a.jsonl` from the command line
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key} must have {len(args)} entries, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} = {value!r} is invalid: use true or false")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} = {value!r} is invalid: use an integer")
-        return value
-    if annotation is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)  # YAML 1.1 reads `1e-6` (no dot) as a string
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} = {value!r} is invalid: use a number")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key} = {value!r} is invalid: use a string")
-        return str(value)
-    return value
-
-
-def _unknown_key_error(cls: type, name: str, prefix: str) -> ConfigError:
-    valid = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(prefix + v for v in valid)}"
-    return ConfigError(f"unknown config key {prefix}{name}; {hint}")
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    types = _field_types(cls)
-    kwargs = {}
-    for name, value in values.items():
-        if name not in types:
-            raise _unknown_key_error(cls, name, prefix)
-        kwargs[name] = _coerce(value, types[name], prefix + name)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except TypeError as e:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) suitable for YAML."""
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(cfg)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`algo.clip_high=0.28` -> (["algo", "clip_high"], 0.28); the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. algo.clip_high=0.28")
-    key, raw = text.split("=", 1)
-    path = key.strip().split(".")
-    if not all(path):
-        raise ConfigError(f"override {text!r} has an empty key part; write section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return path, value
-
-
-def _merge(base: dict[str, Any], path: list[str], value: Any, cls: type) -> None:
-    """Set base[path] = value, checking each key against the dataclass tree so typos fail early."""
-    node, node_cls, prefix = base, cls, ""
-    for part in path[:-1]:
-        types = _field_types(node_cls)
-        if part not in types or not dataclasses.is_dataclass(types[part]):
-            if part not in types:
-                raise _unknown_key_error(node_cls, part, prefix)
-            raise ConfigError(f"{prefix}{part} is a value, not a section; write {prefix}{part}=...")
-        node = node.setdefault(part, {})
-        node_cls, prefix = types[part], prefix + part + "."
-    if path[-1] not in _field_types(node_cls):
-        raise _unknown_key_error(node_cls, path[-1], prefix)
-    node[path[-1]] = value
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """TrainConfig from an optional YAML file, then `key.sub=value` overrides applied in order."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
-        for section, body in (loaded or {}).items():
-            if not isinstance(body, dict):
-                _merge(values, [section], body, TrainConfig)  # fails with a clear message
-            for key, value in body.items():
-                _merge(values, [section, key], value, TrainConfig)
-    for text in overrides:
-        keys, value = parse_override(text)
-        _merge(values, keys, value, TrainConfig)
-    return _build(TrainConfig, values)
-
-
-def dump_config(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a config dataclass (attribute docstrings)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(following, ast.Expr) and isinstance(getattr(following, "value", None), ast.Constant):
-                docs[node.target.id] = " ".join(str(following.value.value).split())
-    return docs
-
-
-def describe_fields(cfg_cls: type = TrainConfig) -> str:
-    """Every config key with its default and docstring, for `--help`."""
-    lines = []
-    defaults = cfg_cls()
-    for section in dataclasses.fields(cfg_cls):
-        section_cls = _field_types(cfg_cls)[section.name]
-        lines.append(f"{section.name}: {section_cls.__doc__.strip().splitlines()[0]}")
-        docs = field_docs(section_cls)
-        for f in dataclasses.fields(section_cls):
-            default = config_to_dict(getattr(getattr(defaults, section.name), f.name))
-            lines.append(f"  {section.name}.{f.name} (default {default!r})")
-            lines.append(f"      {docs.get(f.name, '')}")
-    return "\n".join(lines)
+    def __post_init__(self) -> None:
+        if self.mix.mode != "npo":
+            return
+        npo = self.npo
+        _check(npo.early or npo.late_start is not None, "npo.early", npo.early,
+               "mix.mode = npo needs an intervention: set npo.early = true or give npo.late_start")
+        if npo.early:
+            _check(npo.early_steps < self.run.steps, "npo.early_steps", npo.early_steps,
+                   f"the early window must end before run.steps = {self.run.steps}; shorten it or train longer")
+        if npo.late_start is not None:
+            first_free = npo.early_steps if npo.early else 0
+            _check(npo.late_start >= first_free, "npo.late_start", npo.late_start,
+                   f"the late intervention must start after the early window (step {first_free})")
+            _check(npo.late_start + npo.late_steps <= self.run.steps, "npo.late_start", npo.late_start,
+                   f"late_start + late_steps = {npo.late_start + npo.late_steps} passes run.steps = "
+                   f"{self.run.steps}; start earlier, shorten npo.late_steps or train longer")
