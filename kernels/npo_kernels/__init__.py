@@ -11,5 +11,6 @@ from .advantages.op import group_advantages
 from .fused_linear.op import fused_linear_logprob
 from .logprob.op import selective_logprob
 from .policy_loss.op import policy_loss
+from .policy_loss.reference import GUIDE, ON_POLICY
 
-__all__ = ["fused_linear_logprob", "group_advantages", "policy_loss", "selective_logprob"]
+__all__ = ["GUIDE", "ON_POLICY", "fused_linear_logprob", "group_advantages", "policy_loss", "selective_logprob"]
