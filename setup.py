@@ -35,7 +35,8 @@ setup(
         "triton>=3.6,<3.10; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pyarrow>=14"],
+        # tensorboard: test_metrics.py writes real event files (it is skipped without the package)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pyarrow>=14", "tensorboard>=2.14"],
         "parquet": ["pyarrow>=14"],
         "tensorboard": ["tensorboard>=2.14"],
     },

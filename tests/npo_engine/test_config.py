@@ -1,5 +1,6 @@
 """Config files, overrides, validation messages, and the CLI."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -55,7 +56,7 @@ def test_bad_files(tmp_path):
 
 def test_config_is_frozen():
     cfg = TrainConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'steps'"):
         cfg.run.steps = 3
 
 
