@@ -229,6 +229,22 @@ class CheckpointManager:
             os.replace(tmp, final)
             _fsync_dir(self.root)
 
+    def discard_after(self, step: int) -> None:
+        """Delete every checkpoint of a step after `step` (a rollback discards that segment); collective.
+
+        Without this, retention (which keeps the highest steps) would delete the replay's checkpoints as soon
+        as they were written, and `--resume` would pick the discarded segment."""
+        if self.rank == 0:
+            for saved, path in self.list():
+                if saved > step:
+                    trash = path.with_name(path.name + ".trash")
+                    os.replace(path, trash)
+                    shutil.rmtree(trash)
+                    self.pinned_steps.discard(saved)
+            if self.root.is_dir():
+                _fsync_dir(self.root)
+        _barrier()
+
     def _apply_retention(self) -> None:
         complete = self.list()
         keep = {step for step, _ in complete[-self.keep_last :]} | self.pinned_steps

@@ -83,7 +83,10 @@ class MetricsLogger:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.metrics_path.exists():
-            _rewrite_jsonl(self.metrics_path, keep=lambda record: record.get("step", -1) < start_step)
+            # Rows count by every optimizer step spent (`total_steps`, which rollbacks never take back), or by
+            # `step` in rows that carry no total.
+            _rewrite_jsonl(self.metrics_path,
+                           keep=lambda record: record.get("total_steps", record.get("step", -1)) < start_step)
         if self.events_path.exists() and not _ends_with_newline(self.events_path):
             _rewrite_jsonl(self.events_path, keep=lambda record: True)  # drop the line a crash cut short
         self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")

@@ -1,5 +1,5 @@
-"""The training loop, top to bottom: rollout -> reward -> guide mixing -> advantages -> log-probs, loss, step ->
-weight sync -> log and checkpoint.
+"""The training loop, top to bottom: (interventions) -> rollout -> reward -> guide mixing -> advantages ->
+log-probs, loss, step -> weight sync -> log and checkpoint.
 
     trainer = Trainer(TrainConfig())     # the built-in demo; load_config(...) for anything else
     trainer.train()                      # or trainer.step() one optimizer step at a time
@@ -7,15 +7,22 @@ weight sync -> log and checkpoint.
 Every rank of a torchrun job runs this same code on its shard of each step's prompts: the policy is sharded
 with FSDP2, and each rank samples from its own colocated rollout engine holding full weights, refreshed after
 every optimizer step. A single process runs the identical path with no process group.
+
+Guide mixing (`mix.mode`) is a component from `npo_engine.guides`: before each step it may carry out an
+intervention (train ahead, build a verified guide cache, roll back with `restore`), and after scoring it may
+replace one slot of gated groups with a guide trajectory. The loop never branches on the algorithm. Metrics
+rows carry `step` (position on the final trajectory) and `total_steps` (every optimizer step spent); rows of a
+segment a rollback undoes are marked `discarded`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +30,12 @@ import torch
 
 from npo_engine import algo
 from npo_engine.checkpoint import CheckpointManager
-from npo_engine.config import TrainConfig, dump_config
+from npo_engine.config import TrainConfig, config_to_dict, dump_config
+from npo_engine.data.records import PromptRecord
 from npo_engine.data.sampler import PromptSampler, build_prompt_sets
+from npo_engine.data.samples import GUIDE, ON_POLICY, Groups, Sample
 from npo_engine.distributed import (
+    all_gather_objects,
     all_reduce_sum,
     apply_activation_checkpointing,
     barrier,
@@ -34,31 +44,14 @@ from npo_engine.distributed import (
     init_distributed,
     shard_model,
 )
+from npo_engine.guides import SUCCESS_REWARD, make_mixer, stream_seed
 from npo_engine.metrics import MetricsLogger
 from npo_engine.models import LogprobModel, ensure_demo_model, load_causal_lm, load_tokenizer
 from npo_engine.rewards import RewardRunner
 from npo_engine.rollout.base import RolloutEngine, SamplingParams
-from npo_engine.rollout.embedded import EmbeddedEngine
+from npo_engine.rollout.factory import make_engine
 from npo_engine.sync import push_weights
-
-
-@dataclass
-class Groups:
-    """One step's samples on this rank: `group_size` completions for each prompt, flattened prompt-major.
-
-    Every list has one entry per sample; `group_ids` are global prompt indices of the step, so groups never
-    straddle ranks. `policy_id` is 0 for on-policy samples and 1 for guide samples (NPO).
-    """
-
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    behavior_logp: list[torch.Tensor]
-    finish_reasons: list[str]
-    prompts: list[str]
-    answers: list[str]
-    group_ids: list[int]
-    policy_id: list[int]
-    rewards: list[float] = field(default_factory=list)
+from npo_engine.train_state import TrainState
 
 
 @dataclass
@@ -66,8 +59,9 @@ class TrainBatch:
     """Groups as right-padded tensors: row b is prompt + completion of sample b.
 
     input_ids, attention_mask, completion_mask, behavior_logp: [B, L]; rewards, group_ids, policy_id,
-    advantages: [B]. `completion_mask` marks the completion tokens (the ones the loss scores), and
-    `behavior_logp[b, j]` is the behaviour log-prob of token j.
+    advantages: [B] (advantages may become [B, L] when a guide IS weight is folded in). `completion_mask` marks
+    the completion tokens (the ones the loss scores), and `behavior_logp[b, j]` is the behaviour log-prob of
+    token j under the policy that produced row b (the engine's, or the guide's recorded one).
     """
 
     input_ids: torch.Tensor
@@ -84,7 +78,8 @@ class TrainBatch:
 
 
 class Trainer:
-    """GRPO-family RL training of a causal LM with verifiable rewards (see the module docstring)."""
+    """GRPO-family RL training of a causal LM with verifiable rewards, with guide mixing (see the module
+    docstring). Implements `npo_engine.guides.GuideHost`, the seam through which interventions act on it."""
 
     def __init__(self, cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool = False):
         self.cfg = cfg
@@ -103,17 +98,14 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         torch.manual_seed(cfg.run.seed)
 
-        # Model, tokenizer and the colocated rollout engine (its own full copy of the weights).
-        model_dir = Path(cfg.model.path) if cfg.model.path else self._demo_model_dir()
-        self.tokenizer = load_tokenizer(model_dir)
+        # Model, tokenizer and the colocated policy engine (its own full copy of the weights).
+        self.model_dir = Path(cfg.model.path) if cfg.model.path else self._demo_model_dir()
+        self.tokenizer = load_tokenizer(self.model_dir)
         use_bf16 = self.device.type == "cuda" and cfg.model.dtype in ("auto", "bfloat16")
-        lm = load_causal_lm(model_dir, torch.float32).to(self.device)
+        lm = load_causal_lm(self.model_dir, torch.float32).to(self.device)
         self.engine_dtype = torch.bfloat16 if use_bf16 else torch.float32
-        self.engine: RolloutEngine = EmbeddedEngine(
-            copy.deepcopy(lm).to(self.engine_dtype), eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id, max_batch_size=cfg.rollout.max_batch_size,
-            seed=cfg.run.seed + self.dist.rank,
-        )
+        self.engine: RolloutEngine = self._make_engine("policy", lm)
+        self._guide_engine: RolloutEngine | None = None  # built when the first guide cache is
         self.ref_policy = self._frozen_reference(lm) if cfg.algo.kl_coef > 0 else None
         if cfg.model.activation_checkpointing:
             apply_activation_checkpointing(lm)
@@ -126,53 +118,63 @@ class Trainer:
         warmup = cfg.optim.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
 
-        # Prompts and verifier.
+        # Prompts, verifier, guide mixing.
         prompt_sets = build_prompt_sets(cfg.data, cfg.run.seed)
         self.sampler = PromptSampler(prompt_sets.train, cfg.data.prompts_per_step, seed=cfg.run.seed,
                                      shuffle=cfg.data.shuffle)
         self.eval_records = prompt_sets.eval
         self.rewards = RewardRunner(cfg.reward.verifier, timeout_s=cfg.reward.timeout_s,
                                     num_workers=cfg.reward.num_workers)
+        self.mixer = make_mixer(cfg)
 
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                              rank=self.dist.rank, world_size=self.dist.world_size)
-        self.step_index = 0
-        """Optimizer steps taken (the next step to run)."""
+        self.state = TrainState()
         if resume:
             self._resume()
         self.metrics = MetricsLogger(self.run_dir, total_steps=cfg.run.steps, is_main=self.dist.is_main,
                                      tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
-                                     start_step=self.step_index + 1)  # metrics rows are numbered from 1
+                                     start_step=self.state.total_steps + 1)  # rows are numbered from 1
         if prompt_sets.skipped_rows:
             self.metrics.event("data_rows_skipped", count=prompt_sets.skipped_rows)
         self._sync_engine()
+
+    @property
+    def step_index(self) -> int:
+        """Optimizer steps on the final trajectory so far (the next step to run)."""
+        return self.state.step
 
     # ------------------------------------------------------------------------------------------- the loop
 
     def train(self) -> None:
         """Run until `run.steps`; evaluate, checkpoint and export as configured."""
         try:
-            while self.step_index < self.cfg.run.steps:
+            while True:
+                self.mixer.before_step(self)                                 # interventions (NPO)
+                if self.state.step >= self.cfg.run.steps:
+                    break
                 self.step()
-            if self.cfg.checkpoint.every == 0 or self.step_index % self.cfg.checkpoint.every:
+            if self.cfg.checkpoint.every == 0 or self.state.step % self.cfg.checkpoint.every:
                 self.save_checkpoint()
             if self.cfg.checkpoint.export_final:
-                self.export(self.step_index)
+                self.export(self.state.step)
         finally:
             self.close()
 
     def step(self) -> dict[str, float]:
         """One optimizer step on one batch of prompts; returns the metrics it logged."""
-        cfg, step = self.cfg, self.step_index
-        start = time.perf_counter()
+        cfg, step = self.cfg, self.state.step
         metrics: dict[str, float] = {}
-        if step == 0 and self._evaluating:
+        if self.state.total_steps == 0 and self._evaluating:
             metrics.update(self.evaluate())  # the base model's score, logged with the first step
+        discarded = self.mixer.discarding(self)  # this step belongs to a segment a rollback will undo
+        start = time.perf_counter()
 
         groups = self.rollout(step)                                          # n completions per prompt
         metrics["time/rollout"] = time.perf_counter() - start
         self.score(groups)                                                   # verifier rewards
-        groups = self.mix_guides(groups)                                     # NPO slot filling (hook)
+        metrics |= self._group_metrics(groups)                               # on-policy only, before mixing
+        metrics |= self.mixer.mix(groups, self)                              # guide slots (NPO)
         batch = self.make_batch(groups)
         batch.advantages = algo.compute_advantages(batch.rewards, batch.group_ids, cfg.algo,
                                                    policy_id=batch.policy_id, backend=cfg.kernels.backend)
@@ -180,20 +182,24 @@ class Trainer:
         metrics |= self.update(batch)                                        # log-probs, loss, backward, AdamW
         metrics["time/train"] = time.perf_counter() - train_start
         metrics |= self._sync_engine()                                       # engine gets the new weights
-        self.step_index += 1
+        self.state.step += 1
+        self.state.total_steps += 1
 
-        metrics |= self._group_metrics(groups)
+        if cfg.logging.dump_rollouts:
+            self._dump_rollouts(groups, batch)
         every = cfg.logging.eval_every
-        if self._evaluating and ((every and self.step_index % every == 0) or self.step_index == cfg.run.steps):
+        if self._evaluating and ((every and self.state.step % every == 0) or self.state.step == cfg.run.steps):
             metrics.update(self.evaluate())
         metrics["time/step"] = time.perf_counter() - start
         metrics["throughput/tokens_per_s"] = metrics["rollout/tokens"] / max(metrics["time/rollout"], 1e-9)
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
-        self.metrics.log(self.step_index, metrics)
-        if cfg.checkpoint.every and self.step_index % cfg.checkpoint.every == 0:
+        metrics["total_steps"] = self.state.total_steps
+        metrics["discarded"] = float(discarded)
+        self.metrics.log(self.state.step, metrics)
+        if cfg.checkpoint.every and self.state.step % cfg.checkpoint.every == 0:
             self.save_checkpoint()
-        if self.step_index in cfg.checkpoint.export_steps:
-            self.export(self.step_index)
+        if self.state.step in cfg.checkpoint.export_steps and not discarded:
+            self.export(self.state.step)
         return metrics
 
     # ----------------------------------------------------------------------------------------------- phases
@@ -201,91 +207,90 @@ class Trainer:
     def rollout(self, step: int) -> Groups:
         """Sample `group_size` completions for each of this rank's prompts of `step` with the current policy."""
         cfg, n = self.cfg, self.cfg.rollout.group_size
-        prompts = self.sampler.batch(step)
-        per_rank = len(prompts) // self.dist.world_size
-        first = self.dist.rank * per_rank
-        records = prompts[first : first + per_rank]
+        records = self.prompts_of_step(step)
+        first = self.dist.rank * len(records)
         prompt_ids = [self.encode_prompt(r.prompt, r.id) for r in records]
         params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                                 top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                                seed=_stream_seed(cfg.run.seed, "rollout", step, self.dist.rank))
+                                seed=stream_seed(cfg.run.seed, self.mixer.rollout_stream(self), step, self.dist.rank))
         out = self.engine.generate([ids for ids in prompt_ids for _ in range(n)], params)
-        return Groups(
-            prompt_ids=[ids for ids in prompt_ids for _ in range(n)],
-            completion_ids=out.token_ids,
-            behavior_logp=out.logprobs,
-            finish_reasons=list(out.finish_reasons),
-            prompts=[r.prompt for r in records for _ in range(n)],
-            answers=[r.answer for r in records for _ in range(n)],
-            group_ids=[first + i for i in range(len(records)) for _ in range(n)],
-            policy_id=[algo.ON_POLICY] * (len(records) * n),
-        )
+        samples = [
+            Sample(prompt_id=record.id, group_id=first + g, prompt=record.prompt, answer=record.answer,
+                   prompt_ids=prompt_ids[g], completion_ids=list(out.token_ids[g * n + i]),
+                   behavior_logp=out.logprobs[g * n + i], logp_source="engine",
+                   finish_reason=out.finish_reasons[g * n + i])
+            for g, record in enumerate(records) for i in range(n)
+        ]
+        return Groups(samples=samples, group_size=n, step=step)
 
     def score(self, groups: Groups) -> dict[str, float]:
         """Verifier rewards for every sample (a failing or hanging verifier costs that sample's reward)."""
-        completions = [self.decode_completion(ids) for ids in groups.completion_ids]
-        result = self.rewards.score(groups.prompts, completions, groups.answers)
-        groups.rewards = result.rewards
-        self._reward_stats = result.stats
+        completions = [self.decode_completion(s.completion_ids) for s in groups]
+        result = self.rewards.score([s.prompt for s in groups], completions, [s.answer for s in groups])
+        for sample, reward in zip(groups, result.rewards):
+            sample.reward = reward
+        groups.stats = dict(result.stats)
         return result.stats
-
-    def mix_guides(self, groups: Groups) -> Groups:
-        """Where NPO replaces one slot of hard groups with a cached guide trajectory; plain GRPO keeps all."""
-        return groups
 
     def make_batch(self, groups: Groups) -> TrainBatch:
         """Right-pad prompt + completion of every sample into [B, L] tensors on the training device."""
-        rows = [p + c for p, c in zip(groups.prompt_ids, groups.completion_ids)]
-        length = max(len(r) for r in rows)
-        size = (len(rows), length)
-        input_ids = torch.full(size, self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(size, dtype=torch.long)
-        completion_mask = torch.zeros(size, dtype=torch.bool)
-        behavior_logp = torch.zeros(size, dtype=torch.float32)
-        for b, (prompt, completion, logp) in enumerate(zip(groups.prompt_ids, groups.completion_ids,
-                                                            groups.behavior_logp)):
-            p, c = len(prompt), len(completion)
-            input_ids[b, : p + c] = torch.tensor(prompt + completion)
-            attention_mask[b, : p + c] = 1
-            completion_mask[b, p : p + c] = True
-            behavior_logp[b, p : p + c] = logp.float().cpu()
+        input_ids, attention_mask, completion_mask, behavior_logp = self._pad(
+            [s.prompt_ids for s in groups], [s.completion_ids for s in groups], [s.behavior_logp for s in groups])
         to = self.device
         return TrainBatch(input_ids=input_ids.to(to), attention_mask=attention_mask.to(to),
                           completion_mask=completion_mask.to(to), behavior_logp=behavior_logp.to(to),
                           rewards=torch.tensor(groups.rewards, dtype=torch.float32, device=to),
-                          group_ids=torch.tensor(groups.group_ids, device=to),
-                          policy_id=torch.tensor(groups.policy_id, device=to))
+                          group_ids=torch.tensor([s.group_id for s in groups], device=to),
+                          policy_id=torch.tensor([s.policy_id for s in groups], device=to))
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
-        """Fix the behaviour log-probs, then take `optim.epochs` passes of `optim.mini_batches` AdamW updates.
+        """Fix each row's behaviour log-probs by its source, then take `optim.epochs` passes of
+        `optim.mini_batches` AdamW updates.
 
-        With one update per step (the default) the ratio is exactly 1 and the loss is a plain policy gradient;
-        with several, later updates are slightly off-policy and the PPO clip bounds them.
+        On-policy rows: the engine's log-probs, or the trainer's recomputation (`rollout.behavior_logp`).
+        Guide rows: the guide's recorded log-probs (`mix.guide_is: exact`), or π_old recomputed on their tokens
+        (`none`), times the truncated weight min(π_old / π_guide, C) folded into per-token advantages
+        (`decoupled`). The first update of a step has ratio 1 on recomputed rows; later mini-batches are
+        slightly off-policy and the PPO clip bounds them.
         """
         cfg = self.cfg
         engine_logp = batch.behavior_logp
-        if cfg.rollout.behavior_logp == "recompute":
+        on_policy = (batch.policy_id == ON_POLICY)[:, None]
+        recompute_on_policy = cfg.rollout.behavior_logp == "recompute"
+        recompute_guides = algo.needs_old_logp(cfg.mix.guide_is)
+        out: dict[str, float] = {}
+        if recompute_on_policy or recompute_guides:  # a config choice, so every rank takes the same path
             with torch.no_grad():
-                batch.behavior_logp = self._logprobs(batch, cfg.rollout.temperature)
-        mismatch = (engine_logp - batch.behavior_logp).abs()[batch.completion_mask]
+                old_logp = self._logprobs(batch, cfg.rollout.temperature)
+            rows = (on_policy & recompute_on_policy) | (~on_policy & recompute_guides)
+            batch.behavior_logp = torch.where(rows, old_logp, engine_logp)
+            if cfg.mix.guide_is == "decoupled":
+                weights = algo.decoupled_weights(old_logp, engine_logp, batch.completion_mask & ~on_policy,
+                                                 cfg.mix.decoupled_cap)
+                batch.advantages = batch.advantages[:, None] * torch.where(~on_policy, weights, 1.0)
+            mismatch = (engine_logp - old_logp).abs()[batch.completion_mask & on_policy]
+            n_mismatch = all_reduce_sum(torch.tensor([mismatch.sum().item(), mismatch.numel()], dtype=torch.float64))
+            out["mismatch/logp_abs"] = n_mismatch[0].item() / max(n_mismatch[1].item(), 1.0)
 
         updates = [self._optimizer_update(mini) for _ in range(cfg.optim.epochs)
                    for mini in self._mini_batches(batch)]
-        out = {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]}
+        out |= {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]}
         out["optim/skipped"] = sum(u["optim/skipped"] for u in updates)
         self.scheduler.step()
-        n_mismatch = all_reduce_sum(torch.tensor([mismatch.sum().item(), mismatch.numel()], dtype=torch.float64))
-        out["mismatch/logp_abs"] = n_mismatch[0].item() / max(n_mismatch[1].item(), 1.0)
         return out
 
     def _optimizer_update(self, batch: TrainBatch) -> dict[str, float]:
         """One AdamW update on `batch`, accumulated over micro-batches; skipped if the loss or gradient is
-        non-finite (the weights are never touched then)."""
+        non-finite (the weights are never touched then).
+
+        The one normalizer: each micro-batch's loss (the kernel's aggregation over its own rows) is scaled by
+        its units over U, the units of the whole mini-batch summed over ranks (`algo.loss_units`), and FSDP
+        sums gradients over ranks (divide factor 1), so the gradient is that of the whole mini-batch at once
+        whatever the micro-batch size and the number of ranks.
+        """
         cfg = self.cfg
-        # Each micro-batch's loss is weighted by its share of the global normalizer (sequences or tokens,
-        # summed over ranks), so the accumulated gradient equals that of the whole batch at once.
-        units = self._loss_units(batch)
-        global_units = all_reduce_sum(units.sum().reshape(1)).clamp_min(1)[0]
+        units = algo.loss_units(batch.completion_mask, cfg.algo.loss_agg)
+        total_units = all_reduce_sum(units.sum().reshape(1)).clamp_min(1)[0]
         totals: dict[str, torch.Tensor] = {}
         self.optimizer.zero_grad(set_to_none=True)
         micro = cfg.optim.micro_batch_size
@@ -293,18 +298,26 @@ class Trainer:
             mb = batch.rows(lo, lo + micro)
             logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.completion_mask,
                                         temperature=cfg.rollout.temperature, return_entropy=True)
-            loss, pg_metrics = self.policy_loss(logp, mb.behavior_logp, mb.advantages, mb.completion_mask,
-                                                cfg.algo, policy_id=mb.policy_id,
-                                                norm_length=cfg.rollout.max_new_tokens, backend=cfg.kernels.backend)
+            pg_loss, pg_metrics = self.policy_loss(logp, mb.behavior_logp, mb.advantages, mb.completion_mask,
+                                                   cfg.algo, policy_id=mb.policy_id,
+                                                   norm_length=cfg.rollout.max_new_tokens, backend=cfg.kernels.backend)
+            weight = (units[lo : lo + micro].sum() / total_units).to(pg_loss.dtype)
+            loss = pg_loss
             if self.ref_policy is not None:
-                loss = loss + cfg.algo.kl_coef * self._kl_term(mb, logp)
-            weight = units[lo : lo + micro].sum() / global_units * self.dist.world_size
+                kl = cfg.algo.kl_coef * self._kl_term(mb, logp)
+                loss = loss + kl
+                _accumulate(totals, {"loss/kl": kl.detach() * weight})
             (loss * weight).backward()
-            share = mb.completion_mask.sum()
-            _accumulate(totals, {"loss/pg": loss.detach() * weight / self.dist.world_size,
-                                 "entropy/sum": (entropy.detach() * mb.completion_mask).sum(),
-                                 "tokens": share.float()})
-            _accumulate(totals, {k: v * share for k, v in pg_metrics.items()})  # token-weighted means
+            mask = mb.completion_mask
+            guide_rows = (mb.policy_id != ON_POLICY)[:, None] & mask
+            tokens, guide_tokens = mask.sum(), guide_rows.sum()
+            _accumulate(totals, {"loss/pg": pg_loss.detach() * weight,
+                                 "entropy/sum": (entropy.detach() * mask).sum(),
+                                 "entropy/guide_sum": (entropy.detach() * guide_rows).sum(),
+                                 "tokens": tokens.float(), "guide_tokens": guide_tokens.float()})
+            # Token-weighted means; the guide-only metrics are weighted by guide tokens.
+            _accumulate(totals, {k: v * (guide_tokens if k.endswith("_guide") else tokens)
+                                 for k, v in pg_metrics.items()})
 
         grad_norm = self._clip_gradients()
         finite = torch.isfinite(grad_norm) & torch.isfinite(totals["loss/pg"])
@@ -313,14 +326,23 @@ class Trainer:
             self.optimizer.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            self.metrics.event("nonfinite_step_skipped", step=self.step_index + 1,
+            self.metrics.event("nonfinite_step_skipped", step=self.state.step + 1,
                                grad_norm=float(grad_norm), loss=float(totals["loss/pg"]))
 
         summed = all_reduce_sum(torch.stack([totals[k] for k in sorted(totals)]).double())
         reduced = dict(zip(sorted(totals), summed.tolist()))
-        tokens = max(reduced.pop("tokens"), 1.0)
-        out = {"loss/pg": reduced.pop("loss/pg"), "entropy/mean": reduced.pop("entropy/sum") / tokens}
-        out |= {k: v / tokens for k, v in reduced.items()}
+        tokens, guide_tokens = max(reduced.pop("tokens"), 1.0), reduced.pop("guide_tokens")
+        entropy_sum, entropy_guide = reduced.pop("entropy/sum"), reduced.pop("entropy/guide_sum")
+        out = {"loss/pg": reduced.pop("loss/pg"), "entropy/mean": entropy_sum / tokens,
+               "entropy/on_policy": (entropy_sum - entropy_guide) / max(tokens - guide_tokens, 1.0),
+               "entropy/guide": entropy_guide / guide_tokens if guide_tokens else float("nan")}
+        if "loss/kl" in reduced:
+            out["loss/kl"] = reduced.pop("loss/kl")
+        for key, value in reduced.items():
+            if key.endswith("_guide"):
+                out[key] = value / guide_tokens if guide_tokens else float("nan")
+            else:
+                out[key] = value / tokens
         out["optim/grad_norm"] = float(grad_norm)
         out["optim/skipped"] = float(not finite)
         return out
@@ -344,21 +366,61 @@ class Trainer:
             out = self.engine.generate([self.encode_prompt(r.prompt, r.id) for r in records], params)
             completions = [self.decode_completion(ids) for ids in out.token_ids]
             result = self.rewards.score([r.prompt for r in records], completions, [r.answer for r in records])
-            correct = sum(1.0 for r in result.rewards if r >= 1.0)
+            correct = sum(1.0 for r in result.rewards if r >= SUCCESS_REWARD)
         totals = all_reduce_sum(torch.tensor([correct, float(len(records))], dtype=torch.float64))
         return {"acc/eval": totals[0].item() / max(totals[1].item(), 1.0), "time/eval": time.perf_counter() - start}
 
     # -------------------------------------------------------------------------------------- state and I/O
 
-    def save_checkpoint(self) -> Path:
-        """Full state of the current step: weights, optimizer, scheduler, step (which fixes the data position)."""
-        return self.checkpoints.save(self.step_index, self.policy, self.optimizer, scheduler=self.scheduler,
-                                     extra={"step": self.step_index, "seed": self.cfg.run.seed})
+    def save_checkpoint(self, *, pin: bool = False) -> Path:
+        """Full state of the current step: weights, optimizer, scheduler, RNG and the `TrainState`.
+
+        `pin` exempts it from retention (a rollback target); pins are restored from the state on resume."""
+        if pin:
+            self.checkpoints.pin(self.state.step)
+        return self.checkpoints.save(self.state.step, self.policy, self.optimizer, scheduler=self.scheduler,
+                                     extra={"train_state": self.state.to_json(), "seed": self.cfg.run.seed})
+
+    def restore(self, step: int, *, rollback: bool = False) -> dict[str, float]:
+        """Go back to the checkpoint of `step`: weights, optimizer, scheduler, RNG, data position and trainer
+        state, then re-sync the rollout engine. The one way back, used by `--resume` and every rollback.
+
+        With `rollback`, what happened since is not undone: `total_steps`, the intervention log, the controller
+        state and the mistake pool keep their live values.
+        """
+        start = time.perf_counter()
+        path = self.checkpoints.path_for(step)
+        if (step, path) not in self.checkpoints.list():
+            raise FileNotFoundError(f"no complete checkpoint of step {step} under {self.checkpoints.root} to "
+                                    "restore; checkpoints kept: "
+                                    f"{[s for s, _ in self.checkpoints.list()] or 'none'}")
+        extra = self.checkpoints.load(path, self.policy, self.optimizer, scheduler=self.scheduler,
+                                      seed=self.cfg.run.seed)
+        restored = TrainState.from_json(extra.get("train_state", extra))
+        if rollback:
+            live = self.state
+            restored.total_steps = live.total_steps
+            restored.interventions = live.interventions
+            restored.controller = live.controller
+            restored.mistake_pool = live.mistake_pool
+        self.state = restored
+        sync = self._sync_engine()
+        return {"time/restore": time.perf_counter() - start, "time/sync": sync["time/sync"]}
+
+    def discard_checkpoints_after(self, step: int) -> None:
+        """Delete the checkpoints of steps after `step`: a rollback to `step` discards that segment."""
+        self.checkpoints.discard_after(step)
+
+    def unpin_checkpoint(self, step: int) -> None:
+        self.checkpoints.unpin(step)
 
     def export(self, step: int) -> Path:
         """The policy as a Hugging Face directory under exports/ (loadable by transformers, vLLM, guides)."""
         return self.checkpoints.export_hf(step, self.policy.lm, self.run_dir / "exports" / f"step_{step:06d}",
                                           tokenizer=self.tokenizer)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        self.metrics.event(kind, step=self.state.step, **fields)
 
     def close(self) -> None:
         self.rewards.close()
@@ -371,9 +433,84 @@ class Trainer:
                 f"--resume: no complete checkpoint under {self.checkpoints.root}; "
                 "start without --resume or point --run-dir at the run to continue"
             )
-        extra = self.checkpoints.load(latest, self.policy, self.optimizer, scheduler=self.scheduler,
-                                      seed=self.cfg.run.seed)
-        self.step_index = int(extra["step"])
+        self.restore(self.checkpoints.list()[-1][0])
+        for iv in self.state.interventions:  # rollback targets stay exempt from retention
+            if iv["phase"] in ("ahead", "replay"):
+                self.checkpoints.pin(iv["start"])
+
+    # --------------------------------------------------------------------------- what the guide code uses
+
+    def prompts_of_step(self, step: int) -> list[PromptRecord]:
+        """This rank's share of the prompts of `step` (a pure function of the seed and the step)."""
+        prompts = self.sampler.batch(step)
+        per_rank = len(prompts) // self.dist.world_size
+        return prompts[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
+
+    def guide_engine(self) -> RolloutEngine:
+        """The guide engine: a second engine of the same backend, alive from its first use to the end."""
+        if self._guide_engine is None:
+            self._guide_engine = self._make_engine("guide", self.engine.model)
+        return self._guide_engine
+
+    def sync_guide_engine(self) -> dict[str, float]:
+        """The trainer's current weights into the guide engine, through the same sync path as the policy's."""
+        return push_weights(self.policy.lm, self.guide_engine(), dtype=self.engine_dtype)
+
+    @torch.no_grad()
+    def trainer_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[torch.Tensor]:
+        """Per-token log-probs of each completion under the trainer's current weights (fp32, on the CPU).
+
+        Collective under FSDP: every rank runs as many forward passes as the busiest one, so ranks with fewer
+        rows run a one-row pass whose result is dropped."""
+        micro = self.cfg.optim.micro_batch_size
+        passes = max(all_gather_objects(math.ceil(len(prompt_ids) / micro)))
+        out: list[torch.Tensor] = []
+        for k in range(passes):
+            lo, hi = k * micro, (k + 1) * micro
+            rows_p, rows_c = prompt_ids[lo:hi], completion_ids[lo:hi]
+            idle = not rows_p
+            if idle:
+                rows_p, rows_c = [[self.tokenizer.pad_token_id]], [[self.tokenizer.pad_token_id]]
+            input_ids, attention_mask, completion_mask, _ = self._pad(rows_p, rows_c)
+            to = self.device
+            logp, _ = self.policy(input_ids.to(to), attention_mask.to(to), completion_mask.to(to),
+                                  temperature=self.cfg.rollout.temperature)
+            if not idle:
+                out += [row[m].float().cpu() for row, m in zip(logp, completion_mask.to(to))]
+        return out
+
+    def model_identity(self) -> dict[str, Any]:
+        """What a guide cache must agree with to be used by this run: seed, model, vocabulary, data."""
+        data = json.dumps(config_to_dict(self.cfg.data), sort_keys=True)
+        return {"seed": self.cfg.run.seed, "model": str(self.model_dir.resolve()),
+                "vocab_size": int(self.policy.lm.config.vocab_size),
+                "data": hashlib.sha256(data.encode()).hexdigest()[:16]}
+
+    # ------------------------------------------------------------------------------------------- helpers
+
+    def _make_engine(self, role: str, model: torch.nn.Module) -> RolloutEngine:
+        return make_engine(self.cfg.rollout, role, copy.deepcopy(model).to(self.engine_dtype),
+                           eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                           seed=stream_seed(self.cfg.run.seed, f"engine/{role}", 0, self.dist.rank))
+
+    def _pad(self, prompts: list[list[int]], completions: list[list[int]],
+             logps: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """[B, L] input ids, attention mask, completion mask and behaviour log-probs (zeros without `logps`)
+        of right-padded prompt + completion rows."""
+        length = max(len(p) + len(c) for p, c in zip(prompts, completions))
+        size = (len(prompts), length)
+        input_ids = torch.full(size, self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(size, dtype=torch.long)
+        completion_mask = torch.zeros(size, dtype=torch.bool)
+        behavior_logp = torch.zeros(size, dtype=torch.float32)
+        for b, (prompt, completion) in enumerate(zip(prompts, completions)):
+            p, c = len(prompt), len(completion)
+            input_ids[b, : p + c] = torch.tensor(prompt + completion)
+            attention_mask[b, : p + c] = 1
+            completion_mask[b, p : p + c] = True
+            if logps is not None:
+                behavior_logp[b, p : p + c] = logps[b].float().cpu()
+        return input_ids, attention_mask, completion_mask, behavior_logp
 
     def _demo_model_dir(self) -> Path:
         # Rank 0 builds the demo model if it is not cached yet; the others wait and then read it.
@@ -406,15 +543,6 @@ class Trainer:
                                      temperature=temperature)[0])
         return torch.cat(parts)
 
-    def _loss_units(self, batch: TrainBatch) -> torch.Tensor:
-        """[B] weight of each sample in the loss normalizer of `algo.loss_agg`."""
-        tokens = batch.completion_mask.sum(1).float()
-        if self.cfg.algo.loss_agg == "token-mean":
-            return tokens
-        if self.cfg.algo.loss_agg == "seq-mean-token-sum-norm":
-            return torch.ones_like(tokens)
-        return (tokens > 0).float()  # the seq-mean modes average over sequences with at least one token
-
     def _clip_gradients(self) -> torch.Tensor:
         params = [p for p in self.policy.parameters() if p.grad is not None]
         max_norm = self.cfg.optim.grad_clip or math.inf
@@ -424,16 +552,16 @@ class Trainer:
         return norm.detach().float()
 
     def _group_metrics(self, groups: Groups) -> dict[str, float]:
+        """Reward, accuracy and length of the on-policy samples (taken before any slot is replaced)."""
         rewards = torch.tensor(groups.rewards, dtype=torch.float64)
-        lengths = torch.tensor([len(c) for c in groups.completion_ids], dtype=torch.float64)
-        truncated = torch.tensor([r == "length" for r in groups.finish_reasons], dtype=torch.float64)
-        n = self.cfg.rollout.group_size
-        per_group = (rewards >= 1.0).reshape(-1, n).float().mean(1)
+        lengths = torch.tensor([len(s.completion_ids) for s in groups], dtype=torch.float64)
+        truncated = torch.tensor([s.finish_reason == "length" for s in groups], dtype=torch.float64)
+        per_group = (rewards >= SUCCESS_REWARD).reshape(-1, groups.group_size).float().mean(1)
         local = torch.stack([
-            rewards.sum(), (rewards >= 1.0).sum(), lengths.sum(), truncated.sum(), torch.tensor(len(rewards)),
-            (per_group == 0).sum(), (per_group == 1).sum(), torch.tensor(len(per_group)),
-            torch.tensor(self._reward_stats.get("reward/verifier_errors", 0.0)),
-            torch.tensor(self._reward_stats.get("reward/verifier_timeouts", 0.0)),
+            rewards.sum(), (rewards >= SUCCESS_REWARD).sum(), lengths.sum(), truncated.sum(),
+            torch.tensor(len(rewards)), (per_group == 0).sum(), (per_group == 1).sum(), torch.tensor(len(per_group)),
+            torch.tensor(groups.stats.get("reward/verifier_errors", 0.0)),
+            torch.tensor(groups.stats.get("reward/verifier_timeouts", 0.0)),
         ]).double()
         s = all_reduce_sum(local).tolist()
         count, group_count = max(s[4], 1.0), max(s[7], 1.0)
@@ -441,6 +569,23 @@ class Trainer:
                 "rollout/truncated_frac": s[3] / count, "rollout/tokens": s[2],
                 "groups/all_wrong_frac": s[5] / group_count, "groups/all_right_frac": s[6] / group_count,
                 "reward/verifier_errors": s[8], "reward/verifier_timeouts": s[9]}
+
+    def _dump_rollouts(self, groups: Groups, batch: TrainBatch) -> None:
+        """Append every trained sample of the step to rollouts/step_XXXXXX.jsonl (rank 0 gathers)."""
+        advantages = batch.advantages if batch.advantages.dim() == 1 else batch.advantages[:, -1]
+        rows = [{"step": groups.step + 1, "total_steps": self.state.total_steps, "prompt_id": s.prompt_id,
+                 "group_id": s.group_id, "policy_id": s.policy_id, "reward": s.reward,
+                 "advantage": float(a), "gate_acc": s.gate_acc, "num_tokens": len(s.completion_ids),
+                 "completion": self.decode_completion(s.completion_ids)}
+                for s, a in zip(groups, advantages.tolist())]
+        gathered = all_gather_objects(rows)
+        if self.dist.is_main:
+            directory = self.run_dir / "rollouts"
+            directory.mkdir(exist_ok=True)
+            with open(directory / f"step_{groups.step + 1:06d}.jsonl", "a", encoding="utf-8") as handle:
+                for part in gathered:
+                    for row in part:
+                        handle.write(json.dumps(row) + "\n")
 
     @property
     def _evaluating(self) -> bool:
@@ -460,12 +605,6 @@ class Trainer:
 
     def decode_completion(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-
-def _stream_seed(seed: int, stream: str, step: int, rank: int) -> int:
-    """A seed for one random stream of one step on one rank, independent of how the run got there (resume)."""
-    digest = hashlib.sha256(f"{seed}/{stream}/{step}/{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _accumulate(totals: dict[str, torch.Tensor], values: dict[str, Any]) -> None:

@@ -45,6 +45,28 @@ def get_policy_loss(name: str) -> PolicyLossFn:
     return POLICY_LOSSES[name]
 
 
+def loss_units(mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """[B] share of each sequence in the denominator of aggregation `agg` (the kernel's `AGGREGATIONS`).
+
+    Every aggregation is Σ numerator / Σ units over the batch: tokens for token-mean, sequences with at least
+    one token for the seq-mean modes, and every sequence for seq-mean-token-sum-norm (whose constant length
+    factor is the same in every micro-batch, so it stays inside the kernel's value). A micro-batch whose loss
+    is L_mb over units u_mb therefore contributes L_mb · u_mb / U to the loss of the whole batch, U the units
+    summed over all micro-batches and ranks: that is the one normalizer, applied once.
+
+    Args:
+        mask: [B, T] bool, the scored tokens.
+    """
+    tokens = mask.sum(1).to(torch.float64)
+    if agg == "token-mean":
+        return tokens
+    if agg == "seq-mean-token-sum-norm":
+        return torch.ones_like(tokens)
+    if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        return (tokens > 0).to(torch.float64)
+    raise ValueError(f"unknown loss aggregation {agg!r}; see AlgoConfig.loss_agg for the choices")
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` over `mask` (same shape); 0 when the mask is empty."""
     mask = mask.to(values.dtype)

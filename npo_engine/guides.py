@@ -1,0 +1,434 @@
+"""Guide mixing: who fills rollout slots besides the current policy, chosen by `mix.mode`, and NPO's guides.
+
+The trainer calls the mixing component twice a step and never branches on the algorithm:
+
+    mixer.before_step(host)         # may carry out an intervention: train-ahead, cache building, rollback
+    metrics = mixer.mix(groups, host)   # may replace one slot of gated groups with a guide trajectory
+
+`NoMixing` (`mix.mode: none`) does nothing. `NPOMixing` (`mix.mode: npo`, npo_method.md §4-§10) runs each
+intervention as a small state machine whose state lives in `TrainState.interventions`, so it survives
+checkpoints, `--resume` and its own rollbacks:
+
+    pending --(step == start: checkpoint `start`, pinned)--> ahead
+    ahead   --(step == start + length: the current weights are the guide; build the verified guide cache for
+               the window's prompts; drop the checkpoints of the discarded segment; restore `start`)--> replay
+    replay  --(step == start + length)--> done
+
+During `ahead` the trainer marks its metrics rows as discarded; during `replay` the gate injects guide slots.
+The guide is a later checkpoint of the same run: the weights the trainer holds at the end of the train-ahead,
+pushed into a guide engine through the same sync path as the policy's. Guide log-probs are the trainer's own
+forward of those weights, so `guide_is: exact` has no train/inference mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from npo_engine import algo
+from npo_engine.config import TrainConfig
+from npo_engine.data.records import PromptRecord
+from npo_engine.data.samples import GUIDE, Groups, Sample
+from npo_engine.distributed import Dist, all_gather_objects, all_reduce_sum, barrier
+from npo_engine.rewards import RewardRunner
+from npo_engine.rollout.base import RolloutEngine, SamplingParams
+from npo_engine.train_state import TrainState
+
+# A sample counts as correct (for the gate, Q and cache verification) when its reward reaches this value: the
+# built-in verifiers give 1 for a correct answer.
+SUCCESS_REWARD = 1.0
+_CACHE_FORMAT = 1
+
+
+class GuideHost(Protocol):
+    """What the guide code needs from the trainer (which implements it); keeps `guides` below the trainer."""
+
+    cfg: TrainConfig
+    dist: Dist
+    run_dir: Path
+    state: TrainState
+    rewards: RewardRunner
+
+    def prompts_of_step(self, step: int) -> list[PromptRecord]: ...
+    def encode_prompt(self, prompt: str, prompt_id: str) -> list[int]: ...
+    def decode_completion(self, token_ids: list[int]) -> str: ...
+    def guide_engine(self) -> RolloutEngine: ...
+    def sync_guide_engine(self) -> dict[str, float]: ...
+    def trainer_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[torch.Tensor]: ...
+    def save_checkpoint(self, *, pin: bool = False) -> Path: ...
+    def discard_checkpoints_after(self, step: int) -> None: ...
+    def unpin_checkpoint(self, step: int) -> None: ...
+    def restore(self, step: int, *, rollback: bool) -> dict[str, float]: ...
+    def model_identity(self) -> dict[str, Any]: ...
+    def event(self, kind: str, **fields: Any) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------------ guide cache
+
+
+@dataclass
+class GuideEntry:
+    """One verified guide trajectory of one prompt."""
+
+    prompt_id: str
+    token_ids: list[int]
+    guide_logp: list[float]
+    """Per-token log-probs of `token_ids` under the guide weights, from the trainer's forward (fp32)."""
+    reward: float
+    guide_step: int
+    intervention: str
+
+
+class GuideCache:
+    """The guide trajectories of one intervention on this rank: prompt id -> `GuideEntry`.
+
+    On disk, `dir/rank_{r}.jsonl` (one entry per line) for every rank and `dir/manifest.json` (written last, by
+    rank 0): intervention, guide step, window, the run identity the entries belong to, per-rank prompt and
+    entry counts, coverage, and the SHA-256 of every rank file. `load` verifies all of it.
+    """
+
+    def __init__(self, entries: dict[str, GuideEntry], manifest: dict[str, Any]):
+        self.entries = entries
+        self.manifest = manifest
+
+    def __contains__(self, prompt_id: str) -> bool:
+        return prompt_id in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, prompt_id: str) -> GuideEntry | None:
+        return self.entries.get(prompt_id)
+
+    @staticmethod
+    def rank_file(directory: Path, rank: int) -> Path:
+        return directory / f"rank_{rank}.jsonl"
+
+    @classmethod
+    def load(cls, directory: Path, *, rank: int, world_size: int, identity: dict[str, Any]) -> GuideCache:
+        """Read and verify this rank's entries; a cache of another run, model or world size is an error."""
+        manifest_path = directory / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"guide cache {directory} has no manifest.json: it was never completed; "
+                                    "delete the directory and the intervention rebuilds it")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != _CACHE_FORMAT:
+            raise ValueError(f"guide cache {directory}: format {manifest.get('format')!r}, expected {_CACHE_FORMAT}")
+        if manifest["identity"] != identity:
+            raise ValueError(f"guide cache {directory} belongs to another run or model: it was built for "
+                             f"{manifest['identity']}, this run is {identity}; point --run-dir at its own run or "
+                             "delete the cache")
+        if manifest["world_size"] != world_size:
+            raise ValueError(f"guide cache {directory} was built by {manifest['world_size']} ranks, this job has "
+                             f"{world_size}; resume with the same number of ranks")
+        path = cls.rank_file(directory, rank)
+        data = path.read_bytes()
+        expected = manifest["files"][path.name]
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ValueError(f"guide cache file {path} does not match its manifest checksum: the file is damaged; "
+                             "delete the cache directory and the intervention rebuilds it")
+        entries = {}
+        for line in data.decode().splitlines():
+            entry = GuideEntry(**json.loads(line))
+            if len(entry.token_ids) != len(entry.guide_logp) or not entry.token_ids:
+                raise ValueError(f"guide cache {path}: entry {entry.prompt_id!r} has {len(entry.token_ids)} tokens "
+                                 f"and {len(entry.guide_logp)} log-probs")
+            entries[entry.prompt_id] = entry
+        return cls(entries, manifest)
+
+    def save(self, directory: Path, *, rank: int, dist_: Dist, manifest: dict[str, Any],
+             rank_prompts: int) -> None:
+        """Write this rank's file, then (rank 0) the manifest with every rank's checksum; collective."""
+        directory.mkdir(parents=True, exist_ok=True)
+        barrier()
+        text = "".join(json.dumps(asdict(e)) + "\n" for e in self.entries.values()).encode()
+        _write_atomic(self.rank_file(directory, rank), text)
+        per_rank = all_gather_objects({"file": self.rank_file(directory, rank).name,
+                                       "sha256": hashlib.sha256(text).hexdigest(),
+                                       "prompts": rank_prompts, "entries": len(self.entries)})
+        prompts = sum(r["prompts"] for r in per_rank)
+        entries = sum(r["entries"] for r in per_rank)
+        manifest = {**manifest, "format": _CACHE_FORMAT, "world_size": dist_.world_size, "prompts": prompts,
+                    "entries": entries, "coverage": entries / max(prompts, 1),
+                    "files": {r["file"]: r["sha256"] for r in per_rank}}
+        if rank == 0:
+            _write_atomic(directory / "manifest.json", json.dumps(manifest, indent=1).encode())
+        barrier()
+        self.manifest = manifest
+
+
+def build_guide_cache(host: GuideHost, name: str, window: range, guide_step: int) -> tuple[GuideCache, dict]:
+    """Sample `npo.k_guide` guide responses for each prompt this rank will see in `window`, verify them, keep
+    one correct response per prompt chosen uniformly (none: no entry), and record its guide log-probs.
+
+    The guide engine must hold the guide weights, and the trainer too (its forward gives the log-probs).
+    Returns the cache (not yet saved) and numbers for the event.
+    """
+    cfg = host.cfg
+    start = time.perf_counter()
+    records: dict[str, PromptRecord] = {}
+    for step in window:
+        for record in host.prompts_of_step(step):
+            records.setdefault(record.id, record)
+    prompts = list(records.values())
+    prompt_ids = [host.encode_prompt(r.prompt, r.id) for r in prompts]
+    k = cfg.npo.k_guide
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.npo.guide_temperature,
+                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                            seed=stream_seed(cfg.run.seed, f"guide/{name}", guide_step, host.dist.rank))
+    out = host.guide_engine().generate([ids for ids in prompt_ids for _ in range(k)], params)
+    completions = [host.decode_completion(ids) for ids in out.token_ids]
+    scored = host.rewards.score([r.prompt for r in prompts for _ in range(k)], completions,
+                                [r.answer for r in prompts for _ in range(k)])
+
+    choose = random.Random(stream_seed(cfg.run.seed, f"guide_pick/{name}", guide_step, host.dist.rank))
+    kept: list[tuple[PromptRecord, list[int], list[int]]] = []
+    for i, record in enumerate(prompts):
+        correct = [j for j in range(k) if scored.rewards[i * k + j] >= SUCCESS_REWARD and out.token_ids[i * k + j]]
+        if correct:
+            j = choose.choice(correct)
+            kept.append((record, prompt_ids[i], list(out.token_ids[i * k + j])))
+
+    # Verification: the kept trajectories are re-scored by the training reward function, as the trainer will.
+    verify = host.rewards.score([r.prompt for r, _, _ in kept], [host.decode_completion(c) for _, _, c in kept],
+                                [r.answer for r, _, _ in kept])
+    failed = [r.id for (r, _, _), reward in zip(kept, verify.rewards) if reward < SUCCESS_REWARD]
+    if failed:
+        raise RuntimeError(f"guide cache {name}: {len(failed)} kept trajectories fail verification on re-scoring "
+                           f"(e.g. prompt {failed[0]!r}); the verifier is not deterministic")
+    logps = host.trainer_logprobs([p for _, p, _ in kept], [c for _, _, c in kept])
+    entries = {
+        record.id: GuideEntry(prompt_id=record.id, token_ids=completion, guide_logp=logp.tolist(),
+                              reward=reward, guide_step=guide_step, intervention=name)
+        for (record, _, completion), logp, reward in zip(kept, logps, verify.rewards)
+    }
+    manifest = {"intervention": name, "guide_step": guide_step, "window": [window.start, window.stop],
+                "k_guide": k, "identity": host.model_identity()}
+    stats = {"prompts": len(prompts), "entries": len(entries), "seconds": time.perf_counter() - start}
+    return GuideCache(entries, manifest), stats
+
+
+# ------------------------------------------------------------------------------------------------ mixing rules
+
+
+class GuideMixer(Protocol):
+    def before_step(self, host: GuideHost) -> None: ...
+    def mix(self, groups: Groups, host: GuideHost) -> dict[str, float]: ...
+    def discarding(self, host: GuideHost) -> bool: ...
+    def rollout_stream(self, host: GuideHost) -> str: ...
+
+
+class NoMixing:
+    """`mix.mode: none`: every slot stays on-policy (plain GRPO)."""
+
+    def before_step(self, host: GuideHost) -> None:
+        pass
+
+    def mix(self, groups: Groups, host: GuideHost) -> dict[str, float]:
+        for group in groups.groups():
+            acc = sum(s.reward >= SUCCESS_REWARD for s in group) / len(group)
+            for sample in group:
+                sample.gate_acc = acc
+        return {}
+
+    def discarding(self, host: GuideHost) -> bool:
+        return False
+
+    def rollout_stream(self, host: GuideHost) -> str:
+        return "rollout"
+
+
+class NPOMixing:
+    """`mix.mode: npo`: guide slots from a later checkpoint of the same run, on gated prompts of each replay
+    window (see the module docstring for the interventions)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self._caches: dict[str, GuideCache] = {}
+
+    # ---- interventions
+
+    def plan(self) -> list[dict[str, Any]]:
+        """The interventions the config asks for, in order, all pending."""
+        npo, out = self.cfg.npo, []
+        if npo.early:
+            out.append(_intervention("early", 0, npo.early_steps))
+        if npo.late_start is not None:
+            out.append(_intervention("late", npo.late_start, npo.late_steps))
+        return out
+
+    def before_step(self, host: GuideHost) -> None:
+        state = host.state
+        if not state.interventions:
+            state.interventions = self.plan()
+        for iv in state.interventions:
+            end = iv["start"] + iv["length"]
+            if iv["phase"] == "pending" and state.step == iv["start"]:
+                if self._cache_complete(host, iv):
+                    # A crash after the cache was built but before the replay began: skip the train-ahead.
+                    iv["phase"] = "replay"
+                    host.event("intervention_resumed", name=iv["name"], phase="replay")
+                    continue
+                iv["phase"] = "ahead"
+                iv["started_total_steps"] = state.total_steps
+                host.save_checkpoint(pin=True)  # the rollback target, with the intervention marked ahead
+                host.event("intervention_start", name=iv["name"], start=iv["start"], length=iv["length"],
+                           phase="ahead", total_steps=state.total_steps)
+            elif iv["phase"] == "ahead" and state.step == end:
+                self._build_and_roll_back(host, iv)
+            elif iv["phase"] == "replay" and state.step == end:
+                iv["phase"] = "done"
+                host.unpin_checkpoint(iv["start"])
+                self._caches.pop(iv["name"], None)
+                host.event("intervention_done", name=iv["name"], window=[iv["start"], end],
+                           total_steps=state.total_steps)
+
+    def _build_and_roll_back(self, host: GuideHost, iv: dict[str, Any]) -> None:
+        start, end = iv["start"], iv["start"] + iv["length"]
+        began = time.perf_counter()
+        sync = host.sync_guide_engine()  # the trainer's weights at `end` become the guide
+        cache, stats = build_guide_cache(host, iv["name"], range(start, end), guide_step=end)
+        directory = self._cache_dir(host, iv)
+        cache.save(directory, rank=host.dist.rank, dist_=host.dist, manifest=cache.manifest,
+                   rank_prompts=stats["prompts"])
+        self._caches[iv["name"]] = cache
+        iv.update(guide_step=end, cache_dir=str(directory.relative_to(host.run_dir)),
+                  coverage=cache.manifest["coverage"], cache_entries=cache.manifest["entries"],
+                  cache_prompts=cache.manifest["prompts"])
+        host.event("guide_cache", name=iv["name"], guide_step=end, window=[start, end],
+                   prompts=cache.manifest["prompts"], entries=cache.manifest["entries"],
+                   coverage=cache.manifest["coverage"], seconds=stats["seconds"],
+                   sync_seconds=sync.get("time/sync"))
+
+        # Roll back: the checkpoints of the discarded segment go first, so neither retention nor `--resume`
+        # can pick them over the replay; then the state of `start` comes back and the replay is marked.
+        host.discard_checkpoints_after(start)
+        restore = host.restore(start, rollback=True)
+        iv["phase"] = "replay"
+        host.save_checkpoint(pin=True)  # `start` again, now with the intervention in replay
+        host.event("rollback", name=iv["name"], to_step=start, from_step=end, total_steps=host.state.total_steps,
+                   seconds=time.perf_counter() - began, restore_seconds=restore.get("time/restore"))
+
+    def _cache_dir(self, host: GuideHost, iv: dict[str, Any]) -> Path:
+        return host.run_dir / "guides" / iv["name"]
+
+    def _cache_complete(self, host: GuideHost, iv: dict[str, Any]) -> bool:
+        manifest = self._cache_dir(host, iv) / "manifest.json"
+        if not manifest.is_file():
+            return False
+        data = json.loads(manifest.read_text())
+        return data.get("window") == [iv["start"], iv["start"] + iv["length"]]
+
+    def _active_cache(self, host: GuideHost) -> GuideCache | None:
+        step = host.state.step
+        for iv in host.state.interventions:
+            if iv["phase"] == "replay" and iv["start"] <= step < iv["start"] + iv["length"]:
+                if iv["name"] not in self._caches:  # after --resume: read and verify it from disk
+                    self._caches[iv["name"]] = GuideCache.load(
+                        self._cache_dir(host, iv), rank=host.dist.rank, world_size=host.dist.world_size,
+                        identity=host.model_identity())
+                return self._caches[iv["name"]]
+        return None
+
+    def discarding(self, host: GuideHost) -> bool:
+        return any(iv["phase"] == "ahead" for iv in host.state.interventions)
+
+    def rollout_stream(self, host: GuideHost) -> str:
+        """A replayed step samples fresh rollouts (npo_method.md §15, item 10), not the ones the discarded
+        segment drew from the same weights at the same step."""
+        step = host.state.step
+        for iv in host.state.interventions:
+            if iv["phase"] == "replay" and iv["start"] <= step < iv["start"] + iv["length"]:
+                return f"rollout/replay-{iv['name']}"
+        return "rollout"
+
+    # ---- slot mixing
+
+    def mix(self, groups: Groups, host: GuideHost) -> dict[str, float]:
+        """Gate every group on its n on-policy samples; replace the last slot of gated groups whose prompt has
+        a cache entry with the guide trajectory, its reward recomputed by the verifier (npo_method.md §5-§6)."""
+        cache = self._active_cache(host)
+        per_group = groups.groups()
+        correct = torch.tensor([[s.reward >= SUCCESS_REWARD for s in g] for g in per_group], dtype=torch.bool)
+        has_entry = torch.tensor([cache is not None and g[0].prompt_id in cache for g in per_group],
+                                 dtype=torch.bool)
+        p_hat, inject = algo.gate_groups(correct.reshape(len(per_group), groups.group_size), has_entry,
+                                         self.cfg.mix.gate)
+        slot = algo.guide_slot(groups.group_size)
+        replaced: list[Sample] = []
+        for g, group in enumerate(per_group):
+            for sample in group:
+                sample.gate_acc = float(p_hat[g])
+            if inject[g]:
+                entry = cache.get(group[0].prompt_id)
+                old = group[slot]
+                guide = Sample(prompt_id=old.prompt_id, group_id=old.group_id, prompt=old.prompt,
+                               answer=old.answer, prompt_ids=old.prompt_ids, completion_ids=list(entry.token_ids),
+                               behavior_logp=torch.tensor(entry.guide_logp, dtype=torch.float32),
+                               logp_source="guide", finish_reason="guide", policy_id=GUIDE,
+                               gate_acc=float(p_hat[g]))
+                groups.replace(g * groups.group_size + slot, guide)
+                replaced.append(guide)
+        if replaced:  # the guide's reward is recomputed, not assumed (format rewards may be in play)
+            rescored = host.rewards.score([s.prompt for s in replaced],
+                                          [host.decode_completion(s.completion_ids) for s in replaced],
+                                          [s.answer for s in replaced])
+            for sample, reward in zip(replaced, rescored.rewards):
+                sample.reward = reward
+
+        gated = p_hat <= self.cfg.mix.gate + 1e-9
+        local = torch.tensor([
+            float(inject.sum()), float(gated.sum()), float((gated & has_entry).sum()), float(has_entry.sum()),
+            float(len(per_group)), sum(s.reward for s in replaced), float((p_hat == 0).sum()),
+            float(((p_hat == 0) & has_entry).sum()), float(cache is not None),
+        ], dtype=torch.float64)
+        s = all_reduce_sum(local).tolist()
+        if s[8] == 0:  # no replay window is open on any rank: nothing to report
+            return {"guide/slots": 0.0}
+        return {"guide/slots": s[0], "guide/gated_groups": s[1],
+                "guide/cache_coverage": s[3] / max(s[4], 1.0),
+                "guide/reward_mean": s[5] / s[0] if s[0] else float("nan"),
+                "npo/Q": s[2] / s[1] if s[1] else float("nan"),
+                "npo/Q_strict": s[7] / s[6] if s[6] else float("nan")}
+
+
+MIXERS: dict[str, type] = {"none": NoMixing, "npo": NPOMixing}
+
+
+def make_mixer(cfg: TrainConfig) -> GuideMixer:
+    """The mixing component of `mix.mode`."""
+    if cfg.mix.mode not in MIXERS:
+        raise ValueError(f"mix.mode = {cfg.mix.mode!r} has no mixing rule; choose one of {sorted(MIXERS)}")
+    cls = MIXERS[cfg.mix.mode]
+    return cls(cfg) if cls is NPOMixing else cls()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def stream_seed(seed: int, stream: str, step: int, rank: int) -> int:
+    """A seed for one random stream of one step on one rank, independent of how the run got there (resume,
+    rollback): rollouts, guide sampling and guide picks each draw from their own stream."""
+    digest = hashlib.sha256(f"{seed}/{stream}/{step}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _intervention(name: str, start: int, length: int) -> dict[str, Any]:
+    return {"name": name, "start": start, "length": length, "phase": "pending"}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
