@@ -79,7 +79,7 @@ class DataConfig:
     prompts_per_step: int = 64
     """Prompts per optimizer step, across all ranks (each gets rollout.group_size completions)."""
     shuffle: bool = True
-    """Shuffle the training prompts each epoch (seeded by train.seed)."""
+    """Shuffle the training prompts each epoch (seeded by run.seed)."""
 
     def __post_init__(self) -> None:
         _check(len(self.levels) > 0 and all(1 <= lv <= 5 for lv in self.levels), "data.levels", self.levels,
@@ -252,7 +252,8 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW denominator epsilon."""
     warmup_steps: int = 5
-    """Linear warmup from 0 to lr over this many optimizer steps, then constant."""
+    """Linear warmup over this many optimizer steps (step s uses lr * (s + 1) / (warmup_steps + 1)), then
+    constant."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
     micro_batch_size: int = 64
