@@ -79,7 +79,7 @@ def shard_model(model: nn.Module, blocks: list[nn.Module], d: Dist, *, param_dty
     """FSDP2: `fully_shard` each of `blocks` (the decoder layers inside `model`), then the root `model`, which
     keeps the embeddings, final norm and LM head (tied or not) in one group.
 
-    Gradients are summed over ranks (divide factor 1), not averaged. `param_dtype` enables mixed precision (e.g. bf16 compute, fp32 master weights and gradient reduction).
+    `param_dtype` enables mixed precision (e.g. bf16 compute, fp32 master weights and gradient reduction).
     Single process: the model is returned unchanged.
     """
     if not d.enabled:
@@ -91,12 +91,6 @@ def shard_model(model: nn.Module, blocks: list[nn.Module], d: Dist, *, param_dty
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
-    # Sum gradients over ranks instead of averaging them: the trainer's loss is already divided by the
-    # global normalizer (units summed over ranks), so an average would divide by the world size twice.
-    for module in [*blocks, model]:
-        # Renamed from set_reduce_scatter_divide_factor in torch 2.7.
-        setter = getattr(module, "set_gradient_divide_factor", None) or module.set_reduce_scatter_divide_factor
-        setter(1.0)
     return model
 
 

@@ -1,28 +1,25 @@
 """The embedded rollout backend: a pure-PyTorch batched sampler with a KV cache over a Hugging Face causal LM.
 
-No `model.generate`: a short loop around the model's own weights. What it does differently, and why:
+No `model.generate`: a short loop around the model's own weights, in three parts beside this file:
 
-- **Two forward paths, same logits.** Llama-family models (`model_type` qwen2 or llama) run through
-  `_LlamaFamilyForward`, HF's modeling code written out without its per-module Python, which at decode batch
-  sizes costs about as much as the math; it fuses q/k/v and gate/up into one GEMM each (the modules' weights
-  become views of the fused tensors, so there is still one copy). Any other causal LM runs through its own HF
-  `forward`. Nothing is approximated: both agree with one unpadded HF forward to fp32 rounding (~1e-7).
+- `decoder.py`, the forward: logits of each row's last position. Llama-family models run through a
+  transcription of HF's modeling code without its per-module Python; any other causal LM through its own HF
+  `forward`. Both agree with one unpadded HF forward to fp32 rounding (~1e-7).
+- `kv_cache.py`, the preallocated KV cache `[B, H_kv, W + max_new_tokens, D]` (`W` the widest prompt),
+  written in place.
+- `sampling.py`, as pure functions: temperature, then top-k, then top-p on the renormalized top-k distribution
+  (the order of HF and vLLM), then one draw per row. Behaviour log-probs follow `base.py`:
+  `log_softmax(logits / T)` in fp32, before truncation; with `temperature == 0`, the argmax and the untempered
+  log-probs.
+
+This file is the engine, which drives them:
+
 - **Left padding.** A batch's prompts are right-aligned in the cache. Each row's position ids count from its
-  first real token and pad keys are masked, so a padded prompt sees the same logits as the unpadded one.
+  first real token and pad keys are masked, so a padded prompt sees the same logits as the unpadded one. The
+  additive key mask is a buffer as wide as the cache, so a step's attention mask is a view, never rebuilt.
 - **Bucketed, deduplicated prefill.** Distinct prompts are prefilled once each (a GRPO group of n copies costs
   one), in buckets of similar length so little compute goes to pads; each bucket's K/V land in its rows.
-- **Preallocated KV cache.** `_PreallocatedCache` holds K/V buffers `[B, H_kv, W + max_new_tokens, D]`
-  (`W` the widest prompt), written in place; a step attends over the filled prefix only. The additive key mask
-  is a buffer of the same width, so a step's attention mask is a view, never rebuilt.
-- **Grouped K/V heads stay grouped.** HF's `sdpa` path copies every K/V head once per query head whenever a
-  mask is given (`repeat_kv`): the whole cache, in every layer, at every step. Here each K/V head serves its
-  query heads in place (`enable_gqa=True` in the prefill, a grouped matmul at decode).
-- **Last-position logits.** The LM head (and, in a prefill, the last layer past its K/V) runs on one position
-  per row.
 - **Compaction.** Rows that stopped on EOS leave the batch (with their cache rows) once enough have stopped.
-- **Sampling.** Temperature, then top-k, then top-p on the renormalized top-k distribution (the order of HF and
-  vLLM), then one exponential race per row. Behaviour log-probs follow `base.py`: `log_softmax(logits / T)` in
-  fp32, before truncation; with `temperature == 0`, the argmax and the untempered log-probs.
 
 Limits: full-attention layers only (no sliding windows). Rows of one batch are sampled together, so a row's
 draw depends on the seed and on the batch it was in.
@@ -39,311 +36,19 @@ import time
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from npo_engine.rollout.base import FinishReason, RolloutOutput, SamplingParams
+from npo_engine.rollout.decoder import ATTENTION_NAME, LlamaFamilyForward, register_attention
+from npo_engine.rollout.kv_cache import PreallocatedCache
+from npo_engine.rollout.sampling import sample
 
 # Compact the batch once this fraction of its rows has stopped: each compaction copies the whole KV cache, so
 # doing it at every EOS would cost more than decoding a few dead rows.
 _COMPACT_WHEN_STOPPED = 0.25
 
-# Model types whose HF modeling code `_LlamaFamilyForward` transcribes (checked against transformers 5.19).
-_LLAMA_FAMILY = ("qwen2", "llama")
-
 # The prefill runs prompts in buckets of similar length, so at most this much of a bucket is padding. Smaller
 # buckets waste less compute on pads but each costs one more forward.
 _BUCKET_FILL = 0.9
-
-# The name under which `_grouped_sdpa_attention` is registered with HF, for models on the HF-forward path.
-_ATTENTION = "npo_embedded_sdpa"
-
-
-def _grouped_sdpa_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """HF's `sdpa` attention without `repeat_kv`: SDPA reads the grouped K/V heads itself.
-
-    Registered with HF as `npo_embedded_sdpa` for models that run through their own forward; the Llama-family
-    path calls it for prefills.
-
-    Args:
-        query: [B, H_q, Q, D]; key, value: [B, H_kv, K, D]; attention_mask: [B, 1, Q, K], additive or
-            boolean (True = attend), or None for causal attention.
-    Returns:
-        the attention output [B, Q, H_q, D] (HF's layout) and no weights.
-    """
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        dropout_p=dropout,
-        scale=scaling,
-        is_causal=attention_mask is None and query.shape[2] > 1,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(_ATTENTION, _grouped_sdpa_attention)
-AttentionMaskInterface.register(_ATTENTION, sdpa_mask)  # so plain forwards of the engine's model still work
-
-
-class _PreallocatedLayer(CacheLayerMixin):
-    """One layer's K/V in fixed buffers `[B, H_kv, capacity, D]`, written in place.
-
-    Prefill (`prefill_target` set): the forward's rows `src` land in cache rows `dst` at columns
-    `column : column + Q`, and attention sees only the forward's own K/V. Decoding: one column per step, and
-    `update` returns views of the filled prefix, so nothing is concatenated or reallocated per step.
-    """
-
-    is_sliding = False
-
-    def __init__(self, batch: int, capacity: int):
-        super().__init__()
-        self.batch, self.capacity = batch, capacity
-        self.length = 0
-        self.prefill_target: tuple[torch.Tensor, torch.Tensor, int] | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        # Zeros, not empty: columns left of a short prefill bucket are never written, and a masked key whose
-        # value is NaN still poisons the attention output (0 * NaN).
-        heads = key_states.shape[1]
-        self.keys = key_states.new_zeros(self.batch, heads, self.capacity, key_states.shape[-1])
-        self.values = value_states.new_zeros(self.batch, heads, self.capacity, value_states.shape[-1])
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.prefill_target is not None:
-            src, dst, column = self.prefill_target
-            end = column + key_states.shape[-2]
-            self.keys[dst, :, column:end] = key_states.index_select(0, src)
-            self.values[dst, :, column:end] = value_states.index_select(0, src)
-            return key_states, value_states
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:  # an internal invariant: _generate_batch sizes the buffers
-            raise RuntimeError(f"KV cache overflow: {end} positions > capacity {self.capacity}")
-        self.keys[:, :, self.length : end] = key_states
-        self.values[:, :, self.length : end] = value_states
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return self.capacity
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows `rows` ([B'] int64), in that order."""
-        if self.is_initialized:
-            self.keys = self.keys.index_select(0, rows)
-            self.values = self.values.index_select(0, rows)
-
-
-class _PreallocatedCache(Cache):
-    """A `Cache` of `_PreallocatedLayer`s, one per decoder layer: B rows, `capacity` columns."""
-
-    def __init__(self, num_layers: int, batch: int, capacity: int):
-        super().__init__(layers=[_PreallocatedLayer(batch, capacity) for _ in range(num_layers)])
-
-    def prefill_into(self, src: torch.Tensor, dst: torch.Tensor, column: int) -> None:
-        """Route the next forward's K/V rows `src` ([N] int64) to cache rows `dst` ([N]) from `column` on."""
-        for layer in self.layers:
-            layer.prefill_target = (src, dst, column)
-
-    def start_decoding(self, filled: int) -> None:
-        """End the prefill: columns `[0, filled)` hold the prompts; each forward now appends one column."""
-        for layer in self.layers:
-            layer.prefill_target, layer.length = None, filled
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        for layer in self.layers:
-            layer.select_rows(rows)
-
-
-class _LlamaFamilyForward:
-    """A forward pass over an HF Llama-family causal LM (Qwen2, Llama), reading the model's own weights.
-
-    HF's modeling code written out, minus the per-module Python of `nn.Module.__call__`, HF's output wrappers
-    and its mask building, with these changes, all exact in fp32 arithmetic (results agree with HF's forward
-    to rounding, ~1e-7):
-
-    - q/k/v (and gate/up) run as one GEMM each: the modules' weights become row views of one fused tensor
-      (`_fuse_rows`), so there is no second copy and in-place weight updates land in the fused tensor;
-    - rotary cos/sin come from a table built once by the model's own rotary module, and q and k rotate together;
-    - at decode, attention is a grouped eager product (`_decode_attention`): with one query per row, SDPA's
-      blocked kernel costs more than the math;
-    - in the last layer of a prefill, only the last position goes past the K/V projection.
-    """
-
-    @staticmethod
-    def supports(model: torch.nn.Module) -> bool:
-        base = getattr(model, "model", None)
-        rotary = getattr(base, "rotary_emb", None)
-        if (
-            model.config.model_type not in _LLAMA_FAMILY
-            or not hasattr(model, "lm_head")
-            or not all(hasattr(base, name) for name in ("embed_tokens", "layers", "norm"))
-            # dynamic and long-context RoPE change their frequencies with the sequence length
-            or getattr(rotary, "rope_type", None) in (None, "dynamic", "longrope")
-        ):
-            return False
-        return all(  # fusing needs all biases of a group or none
-            len({lin.bias is None for lin in linears}) == 1
-            for layer in base.layers
-            for linears in _fused_groups(layer).values()
-        )
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        # Per layer: group name ("qkv", "gate_up") -> (W, b) of the fused linear.
-        self._fused: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = []
-        self._cos = self._sin = None  # (P, D): rotary table for positions [0, P)
-        self.refresh()
-
-    def refresh(self) -> None:
-        """(Re)build the fused weights unless every module's parameters still view them (`model.to`, a
-        replaced parameter or `load_state_dict(assign=True)` swap in new storage)."""
-        layers = self.model.model.layers
-        intact = len(self._fused) == len(layers) and all(
-            _views(lin.weight, fused[name][0]) and (lin.bias is None or _views(lin.bias, fused[name][1]))
-            for layer, fused in zip(layers, self._fused)
-            for name, linears in _fused_groups(layer).items()
-            for lin in linears
-        )
-        if intact:
-            return
-        self._fused = [
-            {name: _fuse_rows(linears) for name, linears in _fused_groups(layer).items()} for layer in layers
-        ]
-        self._cos = self._sin = None  # the device or dtype may have changed too
-
-    def __call__(
-        self,
-        input_ids: torch.Tensor,
-        mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        cache: _PreallocatedCache,
-    ) -> torch.Tensor:
-        """Logits of the last position, fp32: (B, V). Arguments as in `EmbeddedEngine._forward`."""
-        base = self.model.model
-        batch, q_len = input_ids.shape
-        last_layer = len(base.layers) - 1
-        hidden = F.embedding(input_ids, base.embed_tokens.weight)  # (B, Q, H)
-        cos, sin = self._rotary(position_ids, hidden.dtype)  # (B, 1, Q, D)
-        for i, (layer, fused) in enumerate(zip(base.layers, self._fused)):
-            attn, mlp = layer.self_attn, layer.mlp
-            heads_q = attn.q_proj.weight.shape[0] // attn.head_dim
-            heads_qk = heads_q + attn.k_proj.weight.shape[0] // attn.head_dim
-            x = _rms_norm(hidden, layer.input_layernorm)
-            qkv = F.linear(x, *fused["qkv"]).view(batch, q_len, -1, attn.head_dim).transpose(1, 2)
-            qk = qkv[:, :heads_qk]  # (B, H_q + H_kv, Q, D)
-            qk = (qk * cos) + (_rotate_half(qk) * sin)
-            q, (k, v) = qk[:, :heads_q], cache.update(qk[:, heads_q:], qkv[:, heads_qk:], i)
-            if i == last_layer and q_len > 1:
-                # Past the last layer's K/V, only the last position feeds the logits: drop the others.
-                q, hidden = q[:, :, -1:], hidden[:, -1:]
-                mask = None if mask is None else mask[:, :, -1:]  # one query: no causal masking left to do
-            if q.shape[2] == 1:
-                out = _decode_attention(q, k, v, mask, attn.scaling)  # (B, 1, H_q, D)
-            else:
-                out, _ = _grouped_sdpa_attention(attn, q, k, v, mask, scaling=attn.scaling)  # (B, Q, H_q, D)
-            hidden = hidden + _linear(out.reshape(batch, q.shape[2], -1), attn.o_proj)
-            x = _rms_norm(hidden, layer.post_attention_layernorm)
-            gate, up = F.linear(x, *fused["gate_up"]).chunk(2, dim=-1)
-            hidden = hidden + _linear(mlp.act_fn(gate) * up, mlp.down_proj)
-        return _linear(_rms_norm(hidden[:, -1], base.norm), self.model.lm_head).float()
-
-    def _rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for `position_ids` (B, Q), as HF's rotary module computes them: (B, 1, Q, D) each."""
-        needed = int(position_ids.max()) + 1
-        if self._cos is None or self._cos.shape[0] < needed or self._cos.dtype != dtype:
-            size = max(needed, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
-            positions = torch.arange(size, device=position_ids.device)[None]
-            probe = torch.empty(0, dtype=dtype, device=position_ids.device)  # HF reads only its dtype/device
-            cos, sin = self.model.model.rotary_emb(probe, positions)
-            self._cos, self._sin = cos[0], sin[0]
-        return self._cos[position_ids].unsqueeze(1), self._sin[position_ids].unsqueeze(1)
-
-
-def _fused_groups(layer: torch.nn.Module) -> dict[str, list[torch.nn.Linear]]:
-    """The linears of a decoder layer that read the same input, in the order their outputs are split."""
-    attn, mlp = layer.self_attn, layer.mlp
-    return {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "gate_up": [mlp.gate_proj, mlp.up_proj]}
-
-
-def _fuse_rows(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack the weights (and biases) of linears that share an input into one tensor each, and make every
-    module's parameters views of their rows: (W [sum N_i, K], b [sum N_i] or None)."""
-    with torch.no_grad():
-        weight = torch.cat([lin.weight for lin in linears])
-        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
-        row = 0
-        for lin in linears:
-            rows = slice(row, row + lin.weight.shape[0])
-            lin.weight.data = weight[rows]
-            if bias is not None:
-                lin.bias.data = bias[rows]
-            row = rows.stop
-    return weight, bias
-
-
-def _views(param: torch.Tensor, fused: torch.Tensor | None) -> bool:
-    """Whether `param` still lives in `fused`'s storage."""
-    return fused is not None and param.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
-
-
-def _decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float
-) -> torch.Tensor:
-    """Attention of one query per row, each K/V head serving its group of G = H_q / H_kv query heads in place.
-
-    Args:
-        q: [B, H_q, 1, D]; k, v: [B, H_kv, K, D]; mask: additive [B, 1, 1, K] or None.
-    Returns:
-        [B, 1, H_q, D] (HF's layout).
-    """
-    batch, heads_q, _, dim = q.shape
-    heads_kv = k.shape[1]
-    scores = torch.matmul(q.reshape(batch, heads_kv, heads_q // heads_kv, dim), k.transpose(2, 3)) * scaling
-    if mask is not None:
-        scores = scores + mask  # (B, H_kv, G, K) + (B, 1, 1, K)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # fp32 softmax, as HF's eager path
-    return torch.matmul(probs, v).view(batch, 1, heads_q, dim)
-
-
-def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    return F.linear(x, layer.weight, layer.bias)
-
-
-def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-    """HF's Llama/Qwen2 RMSNorm, op for op (fp32 statistics, weight applied in the input dtype)."""
-    dtype = x.dtype
-    x = x.to(torch.float32)
-    variance = x.pow(2).mean(-1, keepdim=True)
-    x = x * torch.rsqrt(variance + norm.variance_epsilon)
-    return norm.weight * x.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class EmbeddedEngine:
@@ -376,10 +81,11 @@ class EmbeddedEngine:
                 f"EmbeddedEngine needs full-attention layers only, got layer types {sorted(set(layer_types))}; "
                 "disable sliding-window attention in the model config or use the vLLM backend"
             )
+        register_attention()
         self.model = model.eval()
-        self._fast_forward = _LlamaFamilyForward(model) if _LlamaFamilyForward.supports(model) else None
+        self._fast_forward = LlamaFamilyForward(model) if LlamaFamilyForward.supports(model) else None
         if self._fast_forward is None:
-            model.set_attn_implementation(_ATTENTION)
+            model.set_attn_implementation(ATTENTION_NAME)
         self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
@@ -429,7 +135,7 @@ class EmbeddedEngine:
         width = int(lengths.max())
         # The cache is left-padded to the longest prompt: row i holds its prompt in columns [width - n_i, width)
         # and its completion from column `width` on; other columns are masked keys.
-        cache = _PreallocatedCache(self._num_layers, batch, width + max_new)
+        cache = PreallocatedCache(self._num_layers, batch, width + max_new)
         columns = torch.arange(width + max_new, device=device)
         key_bias = _mask_to_bias(columns[None, :] >= (width - lengths)[:, None], self.model.dtype)  # (B, cap)
         logits = self._prefill(prompts, width, cache)  # (B, V) fp32
@@ -441,7 +147,7 @@ class EmbeddedEngine:
         running = torch.ones(batch, dtype=torch.bool, device=device)  # (B',) no EOS yet
         next_position = lengths.clone()  # (B',) position id of the token fed next
         for step in range(max_new):
-            token, logp = _sample(logits, params, generator)
+            token, logp = sample(logits, params, generator)
             out_tokens[rows, step] = token
             out_logp[rows, step] = logp
             running &= ~torch.isin(token, self._eos)
@@ -468,7 +174,7 @@ class EmbeddedEngine:
         reasons: list[FinishReason] = ["stop" if s else "length" for s in stopped.tolist()]
         return token_ids, logprobs, reasons
 
-    def _prefill(self, prompts: list[list[int]], width: int, cache: _PreallocatedCache) -> torch.Tensor:
+    def _prefill(self, prompts: list[list[int]], width: int, cache: PreallocatedCache) -> torch.Tensor:
         """Run every distinct prompt once, in buckets of similar length, into the cache's rows.
 
         Repeated prompts (a GRPO group) are computed once and their K/V copied to each row. Returns the
@@ -510,7 +216,7 @@ class EmbeddedEngine:
         input_ids: torch.Tensor,
         mask: torch.Tensor | None,
         position_ids: torch.Tensor,
-        cache: _PreallocatedCache,
+        cache: PreallocatedCache,
     ) -> torch.Tensor:
         """Logits of the last position, fp32: (B, V).
 
@@ -576,47 +282,3 @@ def _length_buckets(prompts: list[tuple[int, ...]]) -> list[list[tuple[int, ...]
         else:
             buckets.append([prompt])
     return buckets
-
-
-def _sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row; return it and its behaviour log-prob.
-
-    Args:
-        logits: [B, V] fp32.
-    Returns:
-        token [B] int64 and logp [B] fp32, `log_softmax(logits / T)[token]` (T = 1 when greedy).
-    """
-    if params.temperature == 0:
-        logp_all = torch.log_softmax(logits, dim=-1)
-        token = logits.argmax(dim=-1)
-    else:
-        logp_all = torch.log_softmax(logits / params.temperature, dim=-1)
-        kept = _truncate(logp_all, top_k=params.top_k, top_p=params.top_p)
-        probs = torch.softmax(kept, dim=-1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, without torch.multinomial's
-        # device synchronization on CUDA.
-        race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-        token = (probs / race).argmax(dim=-1)
-    return token, logp_all.gather(1, token[:, None]).squeeze(1)
-
-
-def _truncate(logp: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
-    """Set to -inf every token outside the top-k, then outside the top-p nucleus of the renormalized rest.
-
-    Args:
-        logp: [B, V] fp32 log-probs.
-    """
-    if 0 < top_k < logp.shape[-1]:
-        kth = torch.topk(logp, top_k, dim=-1).values[:, -1:]
-        logp = logp.masked_fill(logp < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logp, order = torch.sort(logp, dim=-1, descending=True)
-        sorted_probs = torch.softmax(sorted_logp, dim=-1)
-        # Drop a token once the strictly more likely tokens already cover top_p; the most likely always stays.
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
-        logp = logp.masked_fill(drop, float("-inf"))
-    return logp

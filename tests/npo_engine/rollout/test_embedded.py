@@ -16,7 +16,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from npo_engine.rollout.base import RolloutEngine, SamplingParams
-from npo_engine.rollout.embedded import EmbeddedEngine, _LlamaFamilyForward
+from npo_engine.rollout.decoder import LlamaFamilyForward
+from npo_engine.rollout.embedded import EmbeddedEngine
 
 VOCAB = 48
 PAD = 0
@@ -264,7 +265,7 @@ def test_fast_forward_equals_hf_forward():
     """The Llama-family transcription gives HF's logits on the same cached, padded inputs."""
     model = _model("qwen2")
     engine = _engine(model)
-    assert isinstance(engine._fast_forward, _LlamaFamilyForward)
+    assert isinstance(engine._fast_forward, LlamaFamilyForward)
     slow = _engine(model)
     slow._fast_forward = None
     slow.model.set_attn_implementation("npo_embedded_sdpa")
