@@ -2,13 +2,17 @@
 
 Each rank builds the same tiny tied-embedding Qwen2 (vocabulary 37, so the embedding shards unevenly), keeps an
 unsharded copy as the reference, builds two colocated engines as the Trainer does (fp32 and bf16 deep copies),
-then shards the policy with `npo_engine.distributed.shard_model` (FSDP2, gloo) and takes one AdamW step on its
-own batch. The reference takes the same step unsharded on the mean of both ranks' losses, which is what FSDP2's
-averaged gradient reduction computes. `push_weights` then fills both engines, and each rank writes
-`rank<r>.json`: how far its fp32 engine is from the reference, whether its bf16 engine holds exactly the fp32
-weights cast to bf16, which names were sent, and a fingerprint to compare across ranks.
-"""
+then shards the policy with `npo_engine.distributed.shard_model` (FSDP2, gloo) and takes one SGD step on its
+own batch. `push_weights` then fills both engines.
 
+The reference takes the same SGD step unsharded, on both ranks' batches. Whether FSDP2 averages or sums the
+ranks' gradients is `shard_model`'s choice (the trainer's loss normalizer depends on it), not the sync's, so the
+reference is computed both ways, from the mean and from the sum of the two ranks' losses; the engine must match
+one of them. SGD, not Adam: Adam's first step is nearly invariant to the gradient's scale, which would blur the
+two apart. Each rank writes `rank<r>.json`: its fp32 engine's distance to both references, whether its bf16
+engine holds exactly the fp32 weights cast to bf16, which names were sent, and a fingerprint to compare across
+ranks.
+"""
 from __future__ import annotations
 
 import copy
@@ -27,7 +31,7 @@ from npo_engine.sync import fingerprint, push_weights
 
 VOCAB = 37
 EOS, PAD = 1, 0
-LR = 1e-2
+LR = 0.5  # SGD: large enough that every weight matrix moves far beyond fp32 rounding
 
 
 class RecordingEngine(EmbeddedEngine):
@@ -74,21 +78,26 @@ def main(out: Path) -> None:
     engine16 = RecordingEngine(copy.deepcopy(lm).to(torch.bfloat16), eos_token_id=EOS, pad_token_id=PAD)
 
     policy = shard_model(LogprobModel(lm), decoder_layers(lm), d, param_dtype=None)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=LR)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=LR)
     step_loss(policy, d.rank).backward()
     optimizer.step()
 
-    ref_policy = LogprobModel(reference)
-    ref_optimizer = torch.optim.AdamW(ref_policy.parameters(), lr=LR)
-    ((step_loss(ref_policy, 0) + step_loss(ref_policy, 1)) / 2).backward()
-    ref_optimizer.step()
+    # The unsharded step on both batches: gradients averaged over ranks (mean of the losses) or summed.
+    references = {}
+    for reduction, scale in [("mean", 0.5), ("sum", 1.0)]:
+        model = copy.deepcopy(reference)
+        ref_policy = LogprobModel(model)
+        ((step_loss(ref_policy, 0) + step_loss(ref_policy, 1)) * scale).backward()
+        torch.optim.SGD(ref_policy.parameters(), lr=LR).step()
+        references[reduction] = model.state_dict()
 
     push_weights(lm, engine32)
     push_weights(lm, engine16, dtype=torch.bfloat16)
 
     got32, got16 = engine32.model.state_dict(), engine16.model.state_dict()
     expected = reference.state_dict()
-    diffs = {name: (got32[name] - t).abs().max().item() for name, t in expected.items()}
+    diffs = {reduction: {name: (got32[name] - t).abs().max().item() for name, t in ref.items()}
+             for reduction, ref in references.items()}
     bf16_mismatch = [name for name, t in got32.items() if not torch.equal(got16[name], t.to(torch.bfloat16))]
     tied_names = {"model.embed_tokens.weight", "lm_head.weight"}
     report = {
@@ -97,8 +106,8 @@ def main(out: Path) -> None:
         "tied_after_sharding": lm.lm_head.weight is lm.model.embed_tokens.weight,
         "moved": max((got32[name] - t).abs().max().item() for name, t in initial.items()),
         "fp32_keys_match": got32.keys() == expected.keys(),
-        "fp32_max_abs_diff": max(diffs.values()),
-        "fp32_worst": max(diffs, key=diffs.get),
+        "fp32_max_abs_diff": {reduction: max(d.values()) for reduction, d in diffs.items()},
+        "fp32_worst": {reduction: max(d, key=d.get) for reduction, d in diffs.items()},
         "bf16_equals_cast": not bf16_mismatch,
         "bf16_mismatch": bf16_mismatch,
         # every tensor once, the tied pair under one of its names

@@ -241,7 +241,7 @@ def _free_port() -> int:
 
 @pytest.mark.dist
 def test_fsdp2_gather_two_ranks(tmp_path):
-    """After one AdamW step of an FSDP2-sharded policy, every rank's engine holds the full weights.
+    """After one optimizer step of an FSDP2-sharded policy, every rank's engine holds the full weights.
 
     The worker (checks in `sync_dist_worker.py`'s docstring) writes one JSON report per rank; this asserts on them.
     """
@@ -255,9 +255,12 @@ def test_fsdp2_gather_two_ranks(tmp_path):
         assert report["sharded_params"] > 0, f"rank {rank}: nothing was sharded, the gather was not exercised"
         assert report["embedding_rows_local"] == [19, 18][rank]  # uneven split of the odd vocabulary
         assert report["tied_after_sharding"], f"rank {rank}: FSDP2 untied lm_head from embed_tokens"
-        assert report["moved"] > 1e-3, f"rank {rank}: the optimizer step did not change the weights"
-        # fp32 engine vs an unsharded model given the same step: only reduction-order rounding apart
-        assert report["fp32_max_abs_diff"] < 1e-5, (rank, report["fp32_worst"])
+        assert report["moved"] > 1e-2, f"rank {rank}: the optimizer step did not change the weights"
+        # fp32 engine vs the unsharded model given the same step, with the ranks' gradients averaged or summed
+        # (shard_model's choice): one is only reduction-order rounding away, the other far off.
+        diff = report["fp32_max_abs_diff"]
+        assert min(diff.values()) < 1e-6, (rank, diff, report["fp32_worst"])
+        assert max(diff.values()) > 1e-3, (rank, diff)
         assert report["fp32_keys_match"], rank
         assert report["bf16_equals_cast"], (rank, report["bf16_mismatch"])
         assert report["names_sent_once"], rank
