@@ -274,7 +274,9 @@ class Trainer:
 
         updates = [self._optimizer_update(mini) for _ in range(cfg.optim.epochs)
                    for mini in self._mini_batches(batch)]
-        out |= {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]}
+        for key in updates[0]:  # mean over updates; a guide metric over those that had guide tokens
+            values = [u[key] for u in updates if not math.isnan(u[key])]
+            out[key] = sum(values) / len(values) if values else math.nan
         out["optim/skipped"] = sum(u["optim/skipped"] for u in updates)
         self.scheduler.step()
         return out
@@ -284,9 +286,9 @@ class Trainer:
         non-finite (the weights are never touched then).
 
         The one normalizer: each micro-batch's loss (the kernel's aggregation over its own rows) is scaled by
-        its units over U, the units of the whole mini-batch summed over ranks (`algo.loss_units`), and FSDP
-        sums gradients over ranks (divide factor 1), so the gradient is that of the whole mini-batch at once
-        whatever the micro-batch size and the number of ranks.
+        its units over U, the units of the whole mini-batch summed over ranks (`algo.loss_units`); summed over
+        micro-batches and ranks that is the loss of the whole mini-batch at once, whatever the micro-batch size
+        and the number of ranks. (FSDP averages gradients over ranks, hence the × world_size below.)
         """
         cfg = self.cfg
         units = algo.loss_units(batch.completion_mask, cfg.algo.loss_agg)
@@ -301,17 +303,20 @@ class Trainer:
             pg_loss, pg_metrics = self.policy_loss(logp, mb.behavior_logp, mb.advantages, mb.completion_mask,
                                                    cfg.algo, policy_id=mb.policy_id,
                                                    norm_length=cfg.rollout.max_new_tokens, backend=cfg.kernels.backend)
-            weight = (units[lo : lo + micro].sum() / total_units).to(pg_loss.dtype)
+            # FSDP averages gradients over ranks; × world_size turns that mean back into the sum the global
+            # normalizer needs (a single process has world_size 1).
+            weight = (units[lo : lo + micro].sum() / total_units * self.dist.world_size).to(pg_loss.dtype)
             loss = pg_loss
             if self.ref_policy is not None:
                 kl = cfg.algo.kl_coef * self._kl_term(mb, logp)
                 loss = loss + kl
-                _accumulate(totals, {"loss/kl": kl.detach() * weight})
+                _accumulate(totals, {"loss/kl": kl.detach() * weight / self.dist.world_size})
             (loss * weight).backward()
             mask = mb.completion_mask
             guide_rows = (mb.policy_id != ON_POLICY)[:, None] & mask
             tokens, guide_tokens = mask.sum(), guide_rows.sum()
-            _accumulate(totals, {"loss/pg": pg_loss.detach() * weight,
+            share = weight / self.dist.world_size  # this micro-batch's share of the loss of the whole batch
+            _accumulate(totals, {"loss/pg": pg_loss.detach() * share,
                                  "entropy/sum": (entropy.detach() * mask).sum(),
                                  "entropy/guide_sum": (entropy.detach() * guide_rows).sum(),
                                  "tokens": tokens.float(), "guide_tokens": guide_tokens.float()})
