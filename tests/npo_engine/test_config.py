@@ -1,6 +1,7 @@
 """Config files, overrides, validation messages, and the CLI."""
 
 import dataclasses
+import typing
 import subprocess
 import sys
 
@@ -8,7 +9,6 @@ import pytest
 import yaml
 
 from npo_engine.config import ConfigError, TrainConfig, dump_config, field_docs, load_config
-from npo_engine import config as config_module
 
 
 def test_defaults_round_trip_through_yaml(tmp_path):
@@ -61,10 +61,10 @@ def test_config_is_frozen():
 
 
 def test_every_field_has_a_docstring():
-    for section in config_module.dataclasses.fields(TrainConfig):
-        cls = config_module._field_types(TrainConfig)[section.name]
+    for section in dataclasses.fields(TrainConfig):
+        cls = typing.get_type_hints(TrainConfig)[section.name]
         docs = field_docs(cls)
-        missing = [f.name for f in config_module.dataclasses.fields(cls) if not docs.get(f.name)]
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
 
 
@@ -99,3 +99,18 @@ def test_cli_reports_config_errors_without_traceback():
     result = _npo("train", "algo.clip_hig=0.3")
     assert result.returncode == 2
     assert "did you mean algo.clip_high" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_npo_checks_name_the_field_and_the_fix():
+    with pytest.raises(ConfigError, match=r"mix.gate = 1.5 is invalid: .* \[0, 1\]"):
+        load_config(None, ["mix.gate=1.5"])
+    with pytest.raises(ConfigError, match=r"npo.early_steps = 20 is invalid: the early window must end before "
+                                          r"run.steps = 10"):
+        load_config(None, ["mix.mode=npo", "run.steps=10"])
+    with pytest.raises(ConfigError, match=r"npo.late_start = 90 is invalid: late_start \+ late_steps = 160 passes"):
+        load_config(None, ["mix.mode=npo", "run.steps=100", "npo.late_start=90"])
+    with pytest.raises(ConfigError, match="needs an intervention"):
+        load_config(None, ["mix.mode=npo", "npo.early=false"])
+    with pytest.raises(ConfigError, match="choose one of 'exact', 'none', 'decoupled'"):
+        load_config(None, ["mix.guide_is=luffy"])
+    assert load_config(None, ["npo.late_start=90"]).mix.mode == "none"  # unused sections are not cross-checked
