@@ -200,8 +200,10 @@ _PANELS = (
 def plot_run(run_dir: Path) -> list[Path]:
     """Draw the run's curves from `run_dir/metrics.jsonl` into `run_dir/plots/<panel>.png`.
 
-    One PNG per panel (reward, accuracy, entropy, times, loss); a panel none of whose metrics were logged is
-    skipped, and a series is drawn only at the steps where it has a finite value (e.g. `acc/eval`).
+    One PNG per panel (reward, accuracy, entropy, times, loss) of the final trajectory against `step`, and the
+    accuracy against `total_steps` (every optimizer step spent, with the discarded segments of NPO's
+    interventions in gray); a panel none of whose metrics were logged is skipped, and a series is drawn only at
+    the steps where it has a finite value (e.g. `acc/eval`).
     Returns the PNG paths written.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -217,10 +219,18 @@ def plot_run(run_dir: Path) -> list[Path]:
     if not records:
         raise ValueError(f"{metrics_path} holds no metric lines yet; plot after the run has logged a step.")
 
+    # The final trajectory: rows of segments a rollback undid (scouts, train-ahead) are kept in the file, marked
+    # `discarded`, and drawn only against total_steps, where they show what the run spent.
+    final = [r for r in records if not r.get("discarded")]
+    panels = [(stem, title, ylabel, names, "step", final) for stem, title, ylabel, names in _PANELS]
+    if any("total_steps" in r for r in records):
+        panels.append(("accuracy_vs_total_steps", "Accuracy against every optimizer step spent", "accuracy",
+                       ("acc/train", "acc/eval"), "total_steps", records))
     out_dir = run_dir / PLOTS_DIR
     written = []
-    for stem, title, ylabel, names in _PANELS:
-        series = {name: _series(records, name) for name in names}
+    for stem, title, ylabel, names, axis, rows in panels:
+        kept = [r for r in rows if not r.get("discarded")]
+        series = {name: _series(kept, name, axis) for name in names}
         series = {name: xy for name, xy in series.items() if xy[0]}
         if not series:
             continue
@@ -229,11 +239,15 @@ def plot_run(run_dir: Path) -> list[Path]:
         FigureCanvasAgg(figure)
         axes = figure.add_subplot()
         for name, (steps, values) in series.items():
-            sparse = len(steps) < len(records) / 2  # e.g. eval every k steps: mark the points
+            sparse = len(steps) < len(kept) / 2  # e.g. eval every k steps: mark the points
             axes.plot(steps, values, label=name, marker="o" if sparse else None, markersize=3, linewidth=1.2)
-        axes.set(title=title, xlabel="step", ylabel=ylabel)
+        discarded = [r for r in rows if r.get("discarded")]
+        if discarded:
+            xs, ys = _series(discarded, names[0], axis)
+            axes.scatter(xs, ys, s=6, color="gray", label=f"{names[0]} (discarded segments)", zorder=3)
+        axes.set(title=title, xlabel=axis, ylabel=ylabel)
         axes.grid(alpha=0.3)
-        if len(series) > 1:
+        if len(series) > 1 or discarded:
             axes.legend()
         figure.tight_layout()
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -286,8 +300,8 @@ def _append(handle, record: dict[str, Any]) -> None:
     handle.flush()
 
 
-def _series(records: list[dict[str, Any]], name: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
+def _series(records: list[dict[str, Any]], name: str, axis: str = "step") -> tuple[list[int], list[float]]:
+    points = [(r[axis], r[name]) for r in records if isinstance(r.get(name), (int, float)) and axis in r]
     return [step for step, _ in points], [value for _, value in points]
 
 
