@@ -220,6 +220,7 @@ def build_guide_cache(host: GuideHost, name: str, window: range, guide_step: int
 
 
 class GuideMixer(Protocol):
+    def check(self, host: GuideHost) -> None: ...
     def before_step(self, host: GuideHost) -> None: ...
     def mix(self, groups: Groups, host: GuideHost) -> dict[str, float]: ...
     def discarding(self, host: GuideHost) -> bool: ...
@@ -230,6 +231,9 @@ class NoMixing:
     """`mix.mode: none`: every slot stays on-policy (plain GRPO)."""
 
     def before_step(self, host: GuideHost) -> None:
+        pass
+
+    def check(self, host: GuideHost) -> None:
         pass
 
     def mix(self, groups: Groups, host: GuideHost) -> dict[str, float]:
@@ -272,16 +276,18 @@ class NPOMixing:
         for iv in state.interventions:
             end = iv["start"] + iv["length"]
             if iv["phase"] == "pending" and state.step == iv["start"]:
-                if self._cache_complete(host, iv):
-                    # A crash after the cache was built but before the replay began: skip the train-ahead.
-                    iv["phase"] = "replay"
-                    host.event("intervention_resumed", name=iv["name"], phase="replay")
-                    continue
                 iv["phase"] = "ahead"
                 iv["started_total_steps"] = state.total_steps
                 host.save_checkpoint(pin=True)  # the rollback target, with the intervention marked ahead
                 host.event("intervention_start", name=iv["name"], start=iv["start"], length=iv["length"],
                            phase="ahead", total_steps=state.total_steps)
+            elif iv["phase"] == "ahead" and state.step == iv["start"] and self._saved_cache(host, iv):
+                # Resumed from the rollback target after a crash that came once the guide cache was complete
+                # (it is verified on load): the replay begins without a second train-ahead.
+                iv["phase"] = "replay"
+                host.save_checkpoint(pin=True)
+                host.event("intervention_resumed", name=iv["name"], phase="replay",
+                           entries=self._caches[iv["name"]].manifest["entries"])
             elif iv["phase"] == "ahead" and state.step == end:
                 self._build_and_roll_back(host, iv)
             elif iv["phase"] == "replay" and state.step == end:
@@ -320,12 +326,27 @@ class NPOMixing:
     def _cache_dir(self, host: GuideHost, iv: dict[str, Any]) -> Path:
         return host.run_dir / "guides" / iv["name"]
 
-    def _cache_complete(self, host: GuideHost, iv: dict[str, Any]) -> bool:
-        manifest = self._cache_dir(host, iv) / "manifest.json"
+    def _saved_cache(self, host: GuideHost, iv: dict[str, Any]) -> bool:
+        """Whether a complete cache of this intervention's window is on disk; loads and verifies it if so."""
+        directory = self._cache_dir(host, iv)
+        manifest = directory / "manifest.json"
         if not manifest.is_file():
             return False
-        data = json.loads(manifest.read_text())
-        return data.get("window") == [iv["start"], iv["start"] + iv["length"]]
+        if json.loads(manifest.read_text()).get("window") != [iv["start"], iv["start"] + iv["length"]]:
+            return False
+        self._caches[iv["name"]] = GuideCache.load(directory, rank=host.dist.rank, world_size=host.dist.world_size,
+                                                   identity=host.model_identity())
+        return True
+
+    def check(self, host: GuideHost) -> None:
+        """At start-up: the caches a resumed replay will read exist and belong to this run (fail now, not at
+        the step that first needs them)."""
+        for iv in host.state.interventions:
+            if iv["phase"] == "replay" and not self._saved_cache(host, iv):
+                raise FileNotFoundError(
+                    f"intervention {iv['name']!r} is replaying steps {iv['start']}-{iv['start'] + iv['length']} "
+                    f"but its guide cache {self._cache_dir(host, iv)} is missing or of another window; restore "
+                    "the run directory's guides/ folder, or resume from a checkpoint before the intervention")
 
     def _active_cache(self, host: GuideHost) -> GuideCache | None:
         step = host.state.step

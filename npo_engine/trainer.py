@@ -137,6 +137,7 @@ class Trainer:
                                      start_step=self.state.total_steps + 1)  # rows are numbered from 1
         if prompt_sets.skipped_rows:
             self.metrics.event("data_rows_skipped", count=prompt_sets.skipped_rows)
+        self.mixer.check(self)  # e.g. the guide caches a resumed replay needs: present and of this run
         self._sync_engine()
 
     @property

@@ -171,3 +171,42 @@ def test_two_rank_torchrun_npo_run(tmp_path, cache_dir):
     assert sum(r["guide/slots"] for r in rows if not r["discarded"]) > 0
     manifest = json.loads((tmp_path / "dist" / "guides" / "early" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and set(manifest["files"]) == {"rank_0.jsonl", "rank_1.jsonl"}
+
+
+def test_resume_checks_the_guide_cache_at_start(tmp_path, cache_dir, monkeypatch):
+    """A replay resumed with its cache damaged or replaced by another run's fails at start with the cause."""
+    import npo_engine.guides as guides
+    from npo_engine import Trainer
+
+    run = tmp_path / "run"
+    cfg = tiny_config(cache_dir, "mix.mode=npo", "npo.early_steps=3", "run.steps=4", "checkpoint.every=1")
+    real_mix, calls = guides.NPOMixing.mix, []
+
+    def crash_in_replay(self, groups, host):
+        calls.append(host.state.step)
+        if len(calls) == 5:  # scout steps 0-2, replay steps 0-1, then the replay of step 2
+            raise KeyboardInterrupt("killed during the replay")
+        return real_mix(self, groups, host)
+
+    monkeypatch.setattr(guides.NPOMixing, "mix", crash_in_replay)
+    with pytest.raises(KeyboardInterrupt):
+        _train(cfg, run)
+    monkeypatch.setattr(guides.NPOMixing, "mix", real_mix)
+
+    manifest_path = run / "guides" / "early" / "manifest.json"
+    good = manifest_path.read_text()
+    other = json.loads(good)
+    other["identity"]["seed"] = 1234
+    manifest_path.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="belongs to another run or model"):
+        Trainer(cfg, run_dir=run, resume=True)
+
+    manifest_path.write_text(good)
+    rank_file = run / "guides" / "early" / "rank_0.jsonl"
+    rank_file.write_text(rank_file.read_text().replace('"reward": 1.0', '"reward": 0.5', 1))
+    with pytest.raises(ValueError, match="does not match its manifest checksum"):
+        Trainer(cfg, run_dir=run, resume=True)
+
+    (run / "guides" / "early" / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="guide cache .* is missing"):
+        Trainer(cfg, run_dir=run, resume=True)
