@@ -210,3 +210,30 @@ def test_resume_checks_the_guide_cache_at_start(tmp_path, cache_dir, monkeypatch
     (run / "guides" / "early" / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="guide cache .* is missing"):
         Trainer(cfg, run_dir=run, resume=True)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_one_and_two_ranks_give_the_same_gradient(tmp_path, cache_dir, agg):
+    """The one normalizer: the same batch split over 2 ranks (uneven tokens per rank, micro-batches of 3)
+    gives the gradient of 1 process taking it whole."""
+    import os
+    import subprocess
+
+    from test_trainer import _free_port
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    worker = str(HERE / "grad_rank_worker.py")
+    one = subprocess.run([sys.executable, worker, str(cache_dir), str(tmp_path / "one"), str(tmp_path / "one.pt"),
+                          agg], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", worker, str(cache_dir), str(tmp_path / "two"),
+                          str(tmp_path / "two.pt"), agg], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-4000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert sum(g.abs().sum() for g in a.values()) > 0
