@@ -1,13 +1,19 @@
 """fused_linear_logprob: the reference against float64 formulas and gradcheck, then the chunked CPU path and
 the Triton path (torch GEMMs + the selective_logprob kernels, under TRITON_INTERPRET=1 on CPU) against the
-reference: logp, entropy, dhidden, dweight and dbias by name.
+float64 truth: logp, entropy, dhidden, dweight and dbias by name.
+
+Every bound is an error budget from `npo_kernels.testing.fused_linear_budget` (the rounding-error analysis is
+written there): it depends on u = 2^-24, the dot-product length H, the V-term sums, the number of online
+rescales and the magnitudes of the values (Σ|x·w|, Σp|z − μ|, Σp·lp², ...), never on how accurate the fp32
+reference happens to be on one machine. The fp32 reference is held to the same budgets.
 
 Grid rationale (tile sizes are patched down so that small shapes still cross every tile boundary):
 - V = 300, tiles of 64 columns × 4 rows: 5 vocabulary tiles with a 44-column tail and 3 token chunks of
   N = 10, so the online logsumexp merges across tiles, targets fall in different tiles, and dW accumulates
   across token chunks (the fp32 accumulator path).
 - V = 1000 with all N rows in one tile: the backward's single-GEMM dW path, bias on/off.
-- V = 151936 (the Qwen vocabulary), N = 3, H = 8: the real tail with the default tile sizes.
+- V = 151936 (the Qwen vocabulary), N = 3, H = 8: the real tail with the default tile sizes, and with narrow
+  tiles (14 vocabulary tiles) so the chunked path also merges tiles at the real size.
 - ignored rows (target -1) in every case; temperature ≠ 1; entropy on/off; dlogp only / dentropy only;
   a tied-embedding weight used twice in one graph; a frozen weight (no dW); tile caching on/off.
 """
@@ -29,15 +35,17 @@ import npo_kernels.fused_linear.triton as fl_triton  # noqa: E402
 from npo_kernels.fused_linear.op import fused_linear_logprob  # noqa: E402
 from npo_kernels.fused_linear.reference import fused_linear_logprob_ref  # noqa: E402
 from npo_kernels._dispatch import triton_interpreter_enabled  # noqa: E402
-from npo_kernels.testing import assert_close  # noqa: E402
-
-torch.set_num_threads(min(2, torch.get_num_threads()))
+from npo_kernels.testing import U32, assert_within, eta, fused_linear_budget, unit_roundoff  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = triton_interpreter_enabled()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 IMPLS = ["chunked", "triton"] if (HAS_CUDA or INTERPRETED) else ["chunked"]
 GRAD_NAMES = ("dhidden", "dweight", "dbias")
+NAMES = ("logp", "entropy") + GRAD_NAMES
+# Narrowest vocabulary block of any path, for the count of online rescales in the budget: the Triton kernels'
+# 4096-column blocks, or the 64-column tiles of `small_tiles`.
+BLOCK_COLS, SMALL_TILE_COLS = 4096, 64
 
 
 def make_case(num_rows, hidden_size, n_cols, *, bias=True, seed=0, dtype=torch.float32, device="cpu",
@@ -100,12 +108,28 @@ def check_invariants(name, logp, entropy, dhidden, targets):
     assert (dhidden[ignored] == 0).all(), f"{name}: ignored rows must get a zero dhidden"
 
 
-def assert_all_close(impl, ref, out, atol=None):
-    for name, expected, actual in zip(("logp", "entropy") + GRAD_NAMES, ref, out):
+def merges(n_cols, narrowest=BLOCK_COLS):
+    return -(-n_cols // narrowest)
+
+
+def truth_and_budget(hidden, weight, bias, targets, g_logp, g_entropy, *, temperature=1.0,
+                     narrowest=BLOCK_COLS, u_acc=U32, store=None):
+    """The float64 truth (the reference on the float64 values of the same inputs) of (logp, entropy, dhidden,
+    dweight, dbias) for the loss Σ g_logp·logp + Σ g_entropy·H, and the error budget of each."""
+    double = lambda t: None if t is None else t.double()  # noqa: E731
+    truth = outputs_and_grads(fused_linear_logprob_ref, hidden.double(), weight.double(), double(bias),
+                              targets, double(g_logp), double(g_entropy), temperature=temperature)
+    budget = fused_linear_budget(hidden, weight, bias, targets, g_logp, g_entropy, temperature=temperature,
+                                 merges=merges(weight.shape[0], narrowest), u_acc=u_acc, store=store)
+    return truth, [budget[name] for name in NAMES]
+
+
+def assert_all_within(label, truth, budget, out):
+    for name, expected, bound, actual in zip(NAMES, truth, budget, out):
         if expected is None:
-            assert actual is None, f"{impl}/{name}: expected no gradient"
+            assert actual is None, f"{label}/{name}: expected no gradient"
             continue
-        assert_close(f"{impl}/{name}", expected, actual, atol=atol)
+        assert_within(f"{label}/{name}", expected, actual, bound)
 
 
 # ---- The reference --------------------------------------------------------------------------------------
@@ -119,8 +143,9 @@ def test_reference_matches_float64_formulas():
     valid = targets >= 0
     logp64 = torch.where(valid, z.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) - lse, 0.0)
     entropy64 = torch.where(valid, lse - (torch.softmax(z, -1) * z).sum(-1), 0.0)
-    assert_close("logp", logp64.float(), logp)
-    assert_close("entropy", entropy64.float(), entropy)
+    budget = fused_linear_budget(hidden, weight, bias, targets, None, None, temperature=0.7)
+    assert_within("logp", logp64, logp, budget["logp"])
+    assert_within("entropy", entropy64, entropy, budget["entropy"])
 
 
 def test_reference_gradcheck_float64():
@@ -152,11 +177,11 @@ def test_matches_reference_across_tiles(impl, temperature, use_bias, cache, smal
     hidden, weight, bias, targets = make_case(10, 16, 300, bias=use_bias, seed=1)
     gen = torch.Generator().manual_seed(2)
     g_logp, g_entropy = torch.randn(10, generator=gen), torch.randn(10, generator=gen)
-    ref = outputs_and_grads(fused_linear_logprob_ref, hidden, weight, bias, targets, g_logp, g_entropy,
-                            temperature=temperature)
+    truth, budget = truth_and_budget(hidden, weight, bias, targets, g_logp, g_entropy,
+                                     temperature=temperature, narrowest=SMALL_TILE_COLS)
     out = outputs_and_grads(lambda *a, **k: run_impl(impl, *a, **k), hidden, weight, bias, targets,
                             g_logp, g_entropy, temperature=temperature)
-    assert_all_close(impl, ref, out)
+    assert_all_within(impl, truth, budget, out)
     check_invariants(impl, out[0], out[1], out[2], targets)
 
 
@@ -165,30 +190,35 @@ def test_matches_reference_one_tile_of_rows(impl):
     """Default tile sizes: all rows in one tile, so dW comes from one GEMM over N (no cross-chunk sum)."""
     hidden, weight, bias, targets = make_case(12, 32, 1000, seed=3)
     g = torch.randn(12, generator=torch.Generator().manual_seed(4))
-    ref = outputs_and_grads(fused_linear_logprob_ref, hidden, weight, bias, targets, g, g)
+    truth, budget = truth_and_budget(hidden, weight, bias, targets, g, g)
     out = outputs_and_grads(lambda *a, **k: run_impl(impl, *a, **k), hidden, weight, bias, targets, g, g)
-    assert_all_close(impl, ref, out)
+    assert_all_within(impl, truth, budget, out)
 
 
+@pytest.mark.parametrize("tiles", ["default-tiles", "narrow-tiles"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_real_vocabulary(impl):
-    """V = 151936 with the default tiles: the vocabulary tail of the real model, three rows.
+def test_real_vocabulary(impl, tiles, monkeypatch):
+    """V = 151936: the vocabulary tail of the real model, three rows, against the float64 truth.
 
-    dhidden sums 151936 terms: fp32 summation order alone moves it by ~1e-5 (the reference's one GEMM is no
-    more exact than our tiles), so the check is an error budget against a float64 truth: our error at most
-    twice the fp32 reference's, plus 1e-6.
+    dhidden sums 151936 terms, so fp32 summation order alone moves it by ~1e-5 and differs between BLAS
+    paths and machines; the budget bounds that for any order (η_V = 8·√V·u ≈ 1.9e-4 relative to Σ|terms|).
+    With the default tiles the chunked path holds all 151936 columns in one tile; "narrow-tiles" (2^15
+    elements: 14 tiles of 10922 columns) makes it merge tiles at the real size too. The fp32 reference is held
+    to the same budget.
     """
+    if tiles == "narrow-tiles":
+        monkeypatch.setattr(fl_op, "_CPU_TILE_ELEMENTS", 1 << 15)
+        monkeypatch.setattr(fl_op, "_TRITON_TILE_ELEMENTS", 1 << 15)
     hidden, weight, bias, targets = make_case(3, 8, 151936, bias=False, seed=5, ignore_every=0)
     g = torch.randn(3, generator=torch.Generator().manual_seed(6))
-    truth = outputs_and_grads(fused_linear_logprob_ref, hidden.double(), weight.double(), None, targets,
-                              g.double(), g.double(), temperature=1.3)
-    ref = outputs_and_grads(fused_linear_logprob_ref, hidden, weight, None, targets, g, g, temperature=1.3)
+    truth, budget = truth_and_budget(hidden, weight, None, targets, g, g, temperature=1.3)
     out = outputs_and_grads(lambda *a, **k: run_impl(impl, *a, **k), hidden, weight, None, targets, g, g,
                             temperature=1.3)
-    for name, t_, r_, o_ in zip(("logp", "entropy", "dhidden", "dweight"), truth, ref, out):
-        err_ref = float((r_.double() - t_).abs().max())
-        err_out = float((o_.double() - t_).abs().max())
-        assert err_out <= 2 * err_ref + 1e-6, f"{impl}/{name}: error {err_out:.2e} vs reference {err_ref:.2e}"
+    assert_all_within(impl, truth, budget, out)
+    if tiles == "default-tiles" and impl == IMPLS[0]:
+        ref = outputs_and_grads(fused_linear_logprob_ref, hidden, weight, None, targets, g, g,
+                                temperature=1.3)
+        assert_all_within("reference", truth, budget, ref)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -197,23 +227,25 @@ def test_each_gradient_term_alone(impl, which, small_tiles):
     hidden, weight, bias, targets = make_case(10, 16, 300, seed=7)
     g = torch.randn(10, generator=torch.Generator().manual_seed(8))
     g_logp, g_entropy = (g, None) if which == "dlogp-only" else (None, g)
-    ref = outputs_and_grads(fused_linear_logprob_ref, hidden, weight, bias, targets, g_logp, g_entropy)
+    truth, budget = truth_and_budget(hidden, weight, bias, targets, g_logp, g_entropy,
+                                     narrowest=SMALL_TILE_COLS)
     out = outputs_and_grads(lambda *a, **k: run_impl(impl, *a, **k), hidden, weight, bias, targets,
                             g_logp, g_entropy)
-    assert_all_close(impl, ref, out)
+    assert_all_within(impl, truth, budget, out)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logp_only_output(impl, small_tiles):
     hidden, weight, bias, targets = make_case(10, 16, 300, seed=9, bias=False)
-    h_ref, w_ref = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    truth, budget = truth_and_budget(hidden, weight, None, targets, torch.ones(10), None,
+                                     narrowest=SMALL_TILE_COLS)
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    fused_linear_logprob_ref(h_ref, w_ref, targets).sum().backward()
     logp = run_impl(impl, h, w, targets)
     assert isinstance(logp, torch.Tensor) and logp.shape == (10,)
     logp.sum().backward()
-    assert_close(f"{impl}/dhidden", h_ref.grad, h.grad)
-    assert_close(f"{impl}/dweight", w_ref.grad, w.grad)
+    assert_within(f"{impl}/logp", truth[0], logp, budget[0])
+    assert_within(f"{impl}/dhidden", truth[2], h.grad, budget[2])
+    assert_within(f"{impl}/dweight", truth[3], w.grad, budget[3])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -232,23 +264,38 @@ def test_tied_embedding_weight(impl, small_tiles):
         hidden = torch.tanh(w[input_ids] @ mix)                       # embed -> "model" -> tied lm_head
         logp, entropy = fn(hidden, w, targets, return_entropy=True, **kw)
         (logp.sum() + 0.1 * entropy.sum()).backward()
-        return logp.detach(), w.grad
+        return logp.detach(), w.grad, hidden.detach()
 
-    ref = step(fused_linear_logprob_ref)
-    out = step(lambda *a, **k: run_impl(impl, *a, **k))
-    assert_close(f"{impl}/logp", ref[0], out[0])
-    assert_close(f"{impl}/dweight(tied)", ref[1], out[1])
+    out_logp, out_dw, hidden = step(lambda *a, **k: run_impl(impl, *a, **k))
+    # Truth: exact arithmetic on the fp32 hidden states both runs form (the same ops, so the same values):
+    # dW = dW_head + index_add(ids, (dh ⊙ (1 − h²)) @ mix.T). Budget: the head's dW, plus the head's dhidden
+    # budget carried through that linear map in magnitudes, plus the map's own roundings (a 16-term dot
+    # product and 3 elementwise ops: eta(19)·magnitudes).
+    g, g_h = torch.ones(10), torch.full((10,), 0.1)
+    truth, budget = truth_and_budget(hidden, embedding, None, targets, g, g_h, narrowest=SMALL_TILE_COLS)
+    h64, mix64 = hidden.double(), mix.double()
+    tanh_grad = 1 - h64 * h64
+
+    def embed_grad(dh, m):
+        out = torch.zeros(n_cols, hidden_size, dtype=torch.float64)
+        return out.index_add_(0, input_ids, (dh * tanh_grad) @ m.T)
+
+    dw_truth = truth[3] + embed_grad(truth[2], mix64)
+    dw_budget = (budget[3] + embed_grad(budget[2], mix64.abs())
+                 + eta(hidden_size + 3, U32) * embed_grad(truth[2].abs(), mix64.abs()))
+    assert_within(f"{impl}/logp", truth[0], out_logp, budget[0])
+    assert_within(f"{impl}/dweight(tied)", dw_truth, out_dw, dw_budget)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_frozen_weight_and_ignored_batch(impl, small_tiles):
     """Only dhidden when the head is frozen; all-ignored rows give zeros everywhere."""
     hidden, weight, _, targets = make_case(10, 16, 300, bias=False, seed=11)
-    h_ref = hidden.clone().requires_grad_(True)
+    truth, budget = truth_and_budget(hidden, weight, None, targets, torch.ones(10), None,
+                                     narrowest=SMALL_TILE_COLS)
     h = hidden.clone().requires_grad_(True)
-    fused_linear_logprob_ref(h_ref, weight, targets).sum().backward()
     run_impl(impl, h, weight, targets).sum().backward()
-    assert_close(f"{impl}/dhidden", h_ref.grad, h.grad)
+    assert_within(f"{impl}/dhidden", truth[2], h.grad, budget[2])
 
     targets = torch.full_like(targets, -1)
     out = outputs_and_grads(lambda *a, **k: run_impl(impl, *a, **k), hidden, weight, None, targets,
@@ -258,20 +305,20 @@ def test_frozen_weight_and_ignored_batch(impl, small_tiles):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fp16_inputs(impl, small_tiles):
-    """fp16 inputs, fp32 softmax math, fp16 gradients cast once. Error budget (kernels.md §7, CCE's fp16 tol
-    1e-3): against a float64 truth on the same fp16 inputs, our error is at most the fp16 reference's + 1e-3
-    (the reference rounds dlogits to fp16 before its GEMMs; the chunked path does not, so it is tighter)."""
+    """fp16 inputs, fp32 softmax math, fp16 gradients cast once, against the float64 truth of the same fp16
+    values. Budget with store = fp16 (u = 2^-11: the fp16 logits and dlogits tiles, the final casts) and
+    u_acc = 2^-11: a half GEMM on CPU may accumulate in half (torch promises nothing else), as the Triton
+    path's per-tile GEMMs and the reference's do; the chunked path accumulates in fp32 and is well inside."""
     hidden, weight, bias, targets = make_case(10, 16, 300, dtype=torch.float16, seed=12)
     g = torch.randn(10, generator=torch.Generator().manual_seed(13))
-    truth = outputs_and_grads(fused_linear_logprob_ref, hidden.double(), weight.double(), bias.double(),
-                              targets, g.double(), g.double())
-    ref = outputs_and_grads(fused_linear_logprob_ref, hidden, weight, bias, targets, g, g)
+    u16 = unit_roundoff(torch.float16)
+    truth, budget = truth_and_budget(hidden, weight, bias, targets, g, g, narrowest=SMALL_TILE_COLS,
+                                     u_acc=u16, store=torch.float16)
     out = outputs_and_grads(lambda *a, **k: run_impl(impl, *a, **k), hidden, weight, bias, targets, g, g)
     assert out[2].dtype == torch.float16 and out[3].dtype == torch.float16 and out[4].dtype == torch.float16
-    for name, t_, r_, o_ in zip(("logp", "entropy") + GRAD_NAMES, truth, ref, out):
-        err_ref = float((r_.double() - t_).abs().max())
-        err_out = float((o_.double() - t_).abs().max())
-        assert err_out <= err_ref + 1e-3, f"{impl}/{name}: error {err_out:.2e} vs reference {err_ref:.2e}"
+    assert_all_within(impl, truth, budget, out)
+    ref = outputs_and_grads(fused_linear_logprob_ref, hidden, weight, bias, targets, g, g)
+    assert_all_within("reference", truth, budget, ref)
 
 
 def test_no_n_by_v_allocation_on_cpu(monkeypatch):
@@ -350,40 +397,36 @@ def test_traceable_by_torch_compile(small_tiles):
     fn = torch.compile(lambda h, w, t, b: fused_linear_logprob(h, w, t, bias=b, return_entropy=True),
                        backend="aot_eager", fullgraph=True)
     g = torch.ones(10)
-    ref = outputs_and_grads(fused_linear_logprob_ref, hidden, weight, bias, targets, g, g)
+    truth, budget = truth_and_budget(hidden, weight, bias, targets, g, g, narrowest=SMALL_TILE_COLS)
     out = outputs_and_grads(lambda h, w, t, bias, return_entropy: fn(h, w, t, bias), hidden, weight, bias,
                             targets, g, g)
-    assert_all_close("compiled", ref, out)
+    assert_all_within("compiled", truth, budget, out)
 
 
 # ---- GPU (bf16 at real shapes; skipped without CUDA) ------------------------------------------------------
-
-def _err(a, b):
-    return float((a.double() - b.double()).abs().max())
-
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_gpu_bf16_error_budget(compiled):
-    """err(kernel) ≤ err(bf16 PyTorch) + tol, both against an fp32 ground truth at the highest matmul
-    precision (CCE's budget, tol 1e-2 for bf16), at H = 4096, V = 151936."""
+    """bf16 inputs at H = 4096, V = 151936 against the float64 truth of the same bf16 values.
+
+    The budget takes store = bf16 (u = 2^-8: the bf16 logits tiles, dlogits tiles and gradients) and
+    u_acc = 2^-24: cuBLAS accumulates bf16 GEMMs in fp32 once reduced-precision reductions are off, as they
+    are here (torch's default allows bf16 split-K partials, which no fp32 analysis covers)."""
     num_rows, hidden_size, n_cols = 2048, 4096, 151936
     hidden, weight, _, targets = make_case(num_rows, hidden_size, n_cols, bias=False, dtype=torch.bfloat16,
                                            device="cuda")
     g = torch.randn(num_rows, device="cuda")
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        truth = outputs_and_grads(fused_linear_logprob_ref, hidden.float(), weight.float(), None, targets,
-                                  g, g)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-    base = outputs_and_grads(fused_linear_logprob_ref, hidden, weight, None, targets, g, g)
     fn = torch.compile(fused_linear_logprob, fullgraph=True) if compiled else fused_linear_logprob
-    out = outputs_and_grads(lambda *a, **k: fn(*a, backend="triton", **k), hidden, weight, None, targets,
-                            g, g)
-    for name, t_, b_, o_ in zip(("logp", "entropy", "dhidden", "dweight"), truth, base, out):
-        assert _err(o_, t_) <= _err(b_, t_) + 1e-2, \
-            f"{name}: kernel {_err(o_, t_):.3e} vs bf16 torch {_err(b_, t_):.3e}"
+    prev = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        out = outputs_and_grads(lambda *a, **k: fn(*a, backend="triton", **k), hidden, weight, None, targets,
+                                g, g)
+    finally:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = prev
+    truth, budget = truth_and_budget(hidden, weight, None, targets, g, g,
+                                     store=torch.bfloat16)
+    assert_all_within("gpu", truth, budget, out)
     check_invariants("gpu", out[0], out[1], out[2], targets)
