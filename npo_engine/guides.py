@@ -2,7 +2,8 @@
 
 The trainer calls the mixing component twice a step and never branches on the algorithm:
 
-    mixer.before_step(host)         # may carry out an intervention: train-ahead, cache building, rollback
+    mixer.before_step(host)         # may carry out an intervention: train-ahead, cache building, rollback;
+                                    # idempotent: a second call at the same state does nothing
     metrics = mixer.mix(groups, host)   # may replace one slot of gated groups with a guide trajectory
 
 `NoMixing` (`mix.mode: none`) does nothing. `NPOMixing` (`mix.mode: npo`, npo_method.md §4-§10) runs each

@@ -151,7 +151,7 @@ class Trainer:
         """Run until `run.steps`; evaluate, checkpoint and export as configured."""
         try:
             while True:
-                self.mixer.before_step(self)                                 # interventions (NPO)
+                self.mixer.before_step(self)  # an intervention may roll back from the last step, so ask first
                 if self.state.step >= self.cfg.run.steps:
                     break
                 self.step()
@@ -164,6 +164,7 @@ class Trainer:
 
     def step(self) -> dict[str, float]:
         """One optimizer step on one batch of prompts; returns the metrics it logged."""
+        self.mixer.before_step(self)                                         # interventions (NPO); idempotent
         cfg, step = self.cfg, self.state.step
         metrics: dict[str, float] = {}
         if self.state.total_steps == 0 and self._evaluating:
