@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 
 __all__ = ["AlgoConfig", "CheckpointConfig", "ConfigError", "DataConfig", "KernelConfig", "LoggingConfig",
-           "MixConfig", "ModelConfig", "NPOConfig", "OptimConfig", "RewardConfig", "RolloutConfig", "RunConfig",
+           "AutoNPOConfig", "MixConfig", "ModelConfig", "NPOConfig", "OptimConfig", "RewardConfig", "RolloutConfig", "RunConfig",
            "TrainConfig"]
 
 
@@ -187,9 +187,10 @@ class AlgoConfig:
 class MixConfig:
     """Who fills rollout slots besides the current policy (npo_method.md §5-§8)."""
 
-    mode: Literal["none", "npo"] = "none"
+    mode: Literal["none", "npo", "autonpo"] = "none"
     """none = plain GRPO; npo = on gated prompts, one slot of the group holds a verified trajectory of a later
-    checkpoint of this run (the `npo` section says when those guides are made)."""
+    checkpoint of this run (the `npo` section says when those guides are made); autonpo = the same, with the
+    interventions triggered and sized by the AutoNPO controller (the `autonpo` section)."""
     gate: float = 0.6
     """Replace a slot only when the group's on-policy accuracy over all n samples is at or below this
     (inclusive; paper: 0.6, i.e. at most 4 of 8 correct)."""
@@ -237,6 +238,50 @@ class NPOConfig:
         _check(self.k_guide >= 1, "npo.k_guide", self.k_guide, "use a count >= 1 (project default 8)")
         _check(self.guide_temperature > 0, "npo.guide_temperature", self.guide_temperature,
                "the guide must sample; use a temperature > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutoNPOConfig:
+    """AutoNPO (npo_method.md §11): on reward stagnation with falling entropy, probe the current policy on the
+    mistake pool, pick the rollback distance D* maximising Q/V, cache the current policy's verified
+    trajectories for the mistakes of [t - D*, t), roll back D* steps and replay with guide slots on them."""
+
+    distances: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
+    """Candidate rollback distances D; each a multiple of checkpoint.every, the largest within retention."""
+    reward_ema: float = 0.9
+    """EMA coefficient of the training reward and of the policy entropy."""
+    window: int = 20
+    """Stagnation window W in steps: the reward EMA gain and the entropy EMA drop are measured over it."""
+    min_gain: float = 0.005
+    """Stagnation: the reward EMA gained less than this over the window."""
+    entropy_drop: float = 0.05
+    """Decline: the entropy EMA is at least this fraction below its value a window ago (a value <= 0 accepts
+    any entropy change)."""
+    t_min: int = 40
+    """No intervention before this step."""
+    cooldown: int = 40
+    """Steps after an intervention's replay ends before the next can fire."""
+    probe_prompts: int = 64
+    """Mistake-pool prompts the confirmation probe rolls out (stratified over the distance slices), per run."""
+    probe_samples: int = 4
+    """Rollouts of the current policy per probed prompt."""
+    probe_pass: float = 0.25
+    """The probe confirms when the pooled pass rate reaches this; otherwise the run stays in warning."""
+    probe_retry: int = 10
+    """Steps after a probe that did not confirm before the next probe."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.distances) > 0 and all(d >= 1 for d in self.distances), "autonpo.distances",
+               self.distances, "give a non-empty list of positive step counts, e.g. [10, 20, ..., 100]")
+        _check(0 <= self.reward_ema < 1, "autonpo.reward_ema", self.reward_ema, "use a value in [0, 1)")
+        _check(self.window >= 1, "autonpo.window", self.window, "use a count >= 1")
+        _check(self.entropy_drop < 1, "autonpo.entropy_drop", self.entropy_drop, "use a fraction < 1")
+        _check(self.t_min >= 0 and self.cooldown >= 0, "autonpo.t_min", (self.t_min, self.cooldown),
+               "t_min and cooldown are step counts >= 0")
+        _check(self.probe_prompts >= 1 and self.probe_samples >= 1, "autonpo.probe_prompts",
+               (self.probe_prompts, self.probe_samples), "probe at least 1 prompt with at least 1 sample")
+        _check(0 <= self.probe_pass <= 1, "autonpo.probe_pass", self.probe_pass, "use a pass rate in [0, 1]")
+        _check(self.probe_retry >= 1, "autonpo.probe_retry", self.probe_retry, "use a count >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -358,8 +403,11 @@ class TrainConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     npo: NPOConfig = field(default_factory=NPOConfig)
+    autonpo: AutoNPOConfig = field(default_factory=AutoNPOConfig)
 
     def __post_init__(self) -> None:
+        if self.mix.mode == "autonpo":
+            self._check_autonpo()
         if self.mix.mode != "npo":
             return
         npo = self.npo
@@ -375,3 +423,16 @@ class TrainConfig:
             _check(npo.late_start + npo.late_steps <= self.run.steps, "npo.late_start", npo.late_start,
                    f"late_start + late_steps = {npo.late_start + npo.late_steps} passes run.steps = "
                    f"{self.run.steps}; start earlier, shorten npo.late_steps or train longer")
+
+    def _check_autonpo(self) -> None:
+        # Every candidate rollback target t - D must be a kept checkpoint: AutoNPO fires only at steps that are
+        # multiples of checkpoint.every, so each D must be one too, and retention must reach back max(D).
+        every, keep = self.checkpoint.every, self.checkpoint.keep_last
+        distances = self.autonpo.distances
+        _check(every > 0 and all(d % every == 0 for d in distances), "autonpo.distances", distances,
+               f"every candidate distance must be a multiple of checkpoint.every = {every} (> 0); e.g. "
+               "checkpoint.every=10 with distances [10, 20, ..., 100]")
+        needed = max(distances) // every + 1
+        _check(keep >= needed, "checkpoint.keep_last", keep,
+               f"AutoNPO rolls back up to {max(distances)} steps with a checkpoint every {every}: keep at least "
+               f"{needed} checkpoints")
