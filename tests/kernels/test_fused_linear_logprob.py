@@ -30,6 +30,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import npo_kernels.fused_linear.chunked as fl_chunked  # noqa: E402
 import npo_kernels.fused_linear.op as fl_op  # noqa: E402
 import npo_kernels.fused_linear.triton as fl_triton  # noqa: E402
 from npo_kernels.fused_linear.op import fused_linear_logprob  # noqa: E402
@@ -66,10 +67,10 @@ def make_case(num_rows, hidden_size, n_cols, *, bias=True, seed=0, dtype=torch.f
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 256 elements (4 rows × 64 columns at N ≥ 4) on both paths."""
-    monkeypatch.setattr(fl_op, "_CPU_TILE_ELEMENTS", 256)
-    monkeypatch.setattr(fl_op, "_CPU_MIN_VOCAB_TILE", 64)
-    monkeypatch.setattr(fl_op, "_TRITON_TILE_ELEMENTS", 256)
-    monkeypatch.setattr(fl_triton, "_MIN_VOCAB_TILE", 64)
+    monkeypatch.setattr(fl_chunked, "TILE_ELEMENTS", 256)
+    monkeypatch.setattr(fl_chunked, "MIN_VOCAB_TILE", 64)
+    monkeypatch.setattr(fl_triton, "TILE_ELEMENTS", 256)
+    monkeypatch.setattr(fl_triton, "MIN_VOCAB_TILE", 64)
 
 
 def run_impl(impl, hidden, weight, targets, bias=None, **kw):
@@ -159,7 +160,7 @@ def test_reference_gradcheck_float64():
 @pytest.mark.parametrize("cache", [True, False], ids=["cache", "recompute"])
 def test_chunked_backward_gradcheck_float64(small_tiles, monkeypatch, cache):
     """The chunked path's hand-written backward, over several tiles, against finite differences."""
-    monkeypatch.setattr(fl_op, "_CPU_CACHE_TILES", cache)
+    monkeypatch.setattr(fl_chunked, "CACHE_TILES", cache)
     hidden, weight, bias, targets = make_case(6, 3, 70, dtype=torch.float64, ignore_every=2)
     inputs = tuple(t.requires_grad_(True) for t in (hidden, weight, bias))
     assert torch.autograd.gradcheck(
@@ -173,7 +174,7 @@ def test_chunked_backward_gradcheck_float64(small_tiles, monkeypatch, cache):
 @pytest.mark.parametrize("temperature,use_bias", [(1.0, False), (0.7, True)], ids=["T1", "T0.7-bias"])
 @pytest.mark.parametrize("cache", [True, False], ids=["cache", "recompute"])
 def test_matches_reference_across_tiles(impl, temperature, use_bias, cache, small_tiles, monkeypatch):
-    monkeypatch.setattr(fl_op, "_CPU_CACHE_TILES", cache)
+    monkeypatch.setattr(fl_chunked, "CACHE_TILES", cache)
     hidden, weight, bias, targets = make_case(10, 16, 300, bias=use_bias, seed=1)
     gen = torch.Generator().manual_seed(2)
     g_logp, g_entropy = torch.randn(10, generator=gen), torch.randn(10, generator=gen)
@@ -207,8 +208,8 @@ def test_real_vocabulary(impl, tiles, monkeypatch):
     to the same budget.
     """
     if tiles == "narrow-tiles":
-        monkeypatch.setattr(fl_op, "_CPU_TILE_ELEMENTS", 1 << 15)
-        monkeypatch.setattr(fl_op, "_TRITON_TILE_ELEMENTS", 1 << 15)
+        monkeypatch.setattr(fl_chunked, "TILE_ELEMENTS", 1 << 15)
+        monkeypatch.setattr(fl_triton, "TILE_ELEMENTS", 1 << 15)
     hidden, weight, bias, targets = make_case(3, 8, 151936, bias=False, seed=5, ignore_every=0)
     g = torch.randn(3, generator=torch.Generator().manual_seed(6))
     truth, budget = truth_and_budget(hidden, weight, None, targets, g, g, temperature=1.3)
@@ -323,8 +324,8 @@ def test_fp16_inputs(impl, small_tiles):
 
 def test_no_n_by_v_allocation_on_cpu(monkeypatch):
     """The chunked path's largest single allocation is a tile (or dW), never N·V; the reference's is N·V."""
-    monkeypatch.setattr(fl_op, "_CPU_TILE_ELEMENTS", 4096)
-    monkeypatch.setattr(fl_op, "_CPU_MIN_VOCAB_TILE", 64)
+    monkeypatch.setattr(fl_chunked, "TILE_ELEMENTS", 4096)
+    monkeypatch.setattr(fl_chunked, "MIN_VOCAB_TILE", 64)
     num_rows, hidden_size, n_cols = 256, 8, 2000
     hidden, weight, bias, targets = make_case(num_rows, hidden_size, n_cols, seed=14)
     full_bytes = num_rows * n_cols * 4
@@ -349,8 +350,8 @@ def test_no_n_by_v_allocation_on_cpu(monkeypatch):
 
 def test_tile_cache_is_bounded_and_consumed(monkeypatch):
     """The kept tiles total at most |dW| bytes, and the backward frees them all."""
-    monkeypatch.setattr(fl_op, "_CPU_TILE_ELEMENTS", 256)
-    monkeypatch.setattr(fl_op, "_CPU_MIN_VOCAB_TILE", 64)
+    monkeypatch.setattr(fl_chunked, "TILE_ELEMENTS", 256)
+    monkeypatch.setattr(fl_chunked, "MIN_VOCAB_TILE", 64)
     seen = {}
     original = fl_op.FusedLinearLogprobFunction.backward
 

@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import npo_kernels.logprob.op as logprob_op  # noqa: E402
+import npo_kernels.logprob.chunked as logprob_chunked  # noqa: E402
 from npo_kernels.logprob.op import selective_logprob  # noqa: E402
 from npo_kernels.logprob.reference import selective_logprob_ref  # noqa: E402
 from npo_kernels._dispatch import triton_interpreter_enabled  # noqa: E402
@@ -133,7 +133,7 @@ def check_invariants(name: str, logp, entropy, dlogits, targets, entropy_floor=0
 @pytest.fixture
 def small_cpu_chunks(monkeypatch):
     """Make the chunked path use several row chunks even at test shapes (2^12 elements: 1 row at V = 4099)."""
-    monkeypatch.setattr(logprob_op, "_CPU_CHUNK_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(logprob_chunked, "CHUNK_ELEMENTS", 1 << 12)
 
 
 # ---- The reference --------------------------------------------------------------------------------------

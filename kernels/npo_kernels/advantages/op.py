@@ -1,19 +1,40 @@
-"""Public `group_advantages`: argument checks, then the Triton kernel (CUDA) or the vectorized PyTorch path.
+"""Public `group_advantages`: argument checks, then the Triton kernel (CUDA) behind a custom op, or the
+vectorized PyTorch reference.
 
-Not differentiable (advantages are constants of the policy-gradient loss), so there is no autograd here.
+Layers, bottom up:
+    triton.group_advantages_triton    one kernel launch, one program per group
+    npo_kernels::group_advantages     a torch.library custom op around it, with a fake impl, so torch.compile
+                                      keeps it as one node
+    group_advantages                  validation and dispatch
+Not differentiable (advantages are constants of the policy-gradient loss), so there is no autograd layer.
+The CPU path ("auto" on CPU tensors, or backend="torch") is the vectorized reference itself: one
+torch.unique and a few index_adds over [B], nothing to chunk.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-from .._dispatch import BACKENDS, check_choice, use_triton
+from .._dispatch import BACKENDS, Backend, check_choice, fake_advantages, use_triton
 from .reference import ADVANTAGE_MODES, STATS_MODES, AdvantageMode, StatsMode, group_advantages_ref
 
-Backend = Literal["auto", "triton", "torch"]
+# ---- Custom op ---------------------------------------------------------------------------------------------
 
+
+@torch.library.custom_op("npo_kernels::group_advantages", mutates_args=())
+def _group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, mode: str, eps: float,
+                      policy_id: torch.Tensor | None, stats: str) -> torch.Tensor:
+    from .triton import group_advantages_triton  # lazily: CPU-only installs may lack triton
+
+    return group_advantages_triton(rewards, group_ids, mode=mode, eps=eps, policy_id=policy_id, stats=stats)
+
+
+@_group_advantages.register_fake
+def _(rewards, group_ids, mode, eps, policy_id, stats):
+    return fake_advantages(rewards)
+
+
+# ---- Public function ---------------------------------------------------------------------------------------
 
 def _check_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, policy_id: torch.Tensor | None) -> None:
     if rewards.dim() != 1 or not rewards.is_floating_point():
@@ -57,8 +78,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, mode: Ad
         raise ValueError(f"group_advantages: eps={eps!r} must be >= 0 (it is added to the group std)")
     _check_inputs(rewards, group_ids, policy_id)
     if use_triton("group_advantages", backend, rewards.device):
-        from .triton import group_advantages_triton  # imported lazily: CPU-only installs may lack triton
-
-        return group_advantages_triton(rewards, group_ids, mode=mode, eps=eps, policy_id=policy_id,
-                                       stats=stats)
+        # detach: the kernel's output never carried a gradient (advantages are constants of the loss).
+        return torch.ops.npo_kernels.group_advantages(rewards.detach(), group_ids, mode, float(eps),
+                                                      policy_id, stats)
     return group_advantages_ref(rewards, group_ids, mode=mode, eps=eps, policy_id=policy_id, stats=stats)

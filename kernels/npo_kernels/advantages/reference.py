@@ -24,8 +24,8 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
-ON_POLICY = 0  # policy_id of samples drawn from the current policy
-GUIDE = 1  # policy_id of NPO guide (or other off-policy) samples
+# The policy_id values (ON_POLICY = 0, GUIDE = 1), shared by the ops.
+from .._dispatch import GUIDE, ON_POLICY  # noqa: F401  (GUIDE: importable from here)
 
 AdvantageMode = Literal["grpo", "drgrpo", "rloo"]
 StatsMode = Literal["all", "on_policy"]

@@ -30,15 +30,18 @@ _BLOCK = 32
 
 
 @triton.jit
-def _load_members(REWARDS, POLICY_ID, ORDER, pos, valid, ON_POLICY_STATS: tl.constexpr):
-    """Rewards (fp32) and on-policy flags of the members at sorted positions `pos`."""
+def _load_members(REWARDS, POLICY_ID, ORDER, off, end, ON_POLICY_STATS: tl.constexpr, BLOCK: tl.constexpr):
+    """The BLOCK members at sorted positions off, off + 1, ... (< end): original index, reward (fp32), and
+    the in-segment and on-policy flags."""
+    pos = off + tl.arange(0, BLOCK)
+    valid = pos < end
     idx = tl.load(ORDER + pos, mask=valid, other=0)
     r = tl.load(REWARDS + idx, mask=valid, other=0.0).to(tl.float32)
     if ON_POLICY_STATS:
         on_policy = valid & (tl.load(POLICY_ID + idx, mask=valid, other=1) == 0)
     else:
         on_policy = valid
-    return idx, r, on_policy
+    return idx, r, valid, on_policy
 
 
 @triton.jit
@@ -59,9 +62,7 @@ def _group_advantages_kernel(
     acc_max_all = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     acc_max_on = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     for off in range(start, end, BLOCK):
-        pos = off + tl.arange(0, BLOCK)
-        valid = pos < end
-        idx, r, on_policy = _load_members(REWARDS, POLICY_ID, ORDER, pos, valid, ON_POLICY_STATS)
+        idx, r, valid, on_policy = _load_members(REWARDS, POLICY_ID, ORDER, off, end, ON_POLICY_STATS, BLOCK)
         acc_n_all += tl.where(valid, 1.0, 0.0)
         acc_n_on += tl.where(on_policy, 1.0, 0.0)
         acc_max_all = tl.maximum(acc_max_all, tl.where(valid, r, float("-inf")))
@@ -75,9 +76,7 @@ def _group_advantages_kernel(
     # Pass 2: mean = shift + Σ(r − shift)/n; equal rewards give mean == shift exactly.
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for off in range(start, end, BLOCK):
-        pos = off + tl.arange(0, BLOCK)
-        valid = pos < end
-        idx, r, on_policy = _load_members(REWARDS, POLICY_ID, ORDER, pos, valid, ON_POLICY_STATS)
+        idx, r, valid, on_policy = _load_members(REWARDS, POLICY_ID, ORDER, off, end, ON_POLICY_STATS, BLOCK)
         feeds = tl.where(all_feed, valid, on_policy)
         acc += tl.where(feeds, r - shift, 0.0)
     mean = shift + tl.sum(acc, axis=0) / tl.maximum(n, 1.0)
@@ -85,9 +84,7 @@ def _group_advantages_kernel(
     # Pass 3: unbiased variance around that mean (two-pass, never Σr² − (Σr)²/n).
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for off in range(start, end, BLOCK):
-        pos = off + tl.arange(0, BLOCK)
-        valid = pos < end
-        idx, r, on_policy = _load_members(REWARDS, POLICY_ID, ORDER, pos, valid, ON_POLICY_STATS)
+        idx, r, valid, on_policy = _load_members(REWARDS, POLICY_ID, ORDER, off, end, ON_POLICY_STATS, BLOCK)
         feeds = tl.where(all_feed, valid, on_policy)
         centered = r - mean
         acc += tl.where(feeds, centered * centered, 0.0)
@@ -95,9 +92,7 @@ def _group_advantages_kernel(
 
     # Pass 4: the advantage of every member (reference.ADVANTAGE_MODES), stored at its original index.
     for off in range(start, end, BLOCK):
-        pos = off + tl.arange(0, BLOCK)
-        valid = pos < end
-        idx, r, on_policy = _load_members(REWARDS, POLICY_ID, ORDER, pos, valid, ON_POLICY_STATS)
+        idx, r, valid, on_policy = _load_members(REWARDS, POLICY_ID, ORDER, off, end, ON_POLICY_STATS, BLOCK)
         feeds = tl.where(all_feed, valid, on_policy)
         centered = r - mean
         if MODE == 0:  # grpo: scale 1 when fewer than 2 members feed the std

@@ -1,5 +1,5 @@
 """GPU path of `fused_linear_logprob`: cuBLAS GEMMs on tiles of the logits, the selective_logprob Triton
-kernels on each tile. No autograd here (see op.py); no [N, V] tensor is ever allocated.
+kernels on each tile. No autograd here (op.py holds it); no [N, V] tensor is ever allocated.
 
 Forward, token chunks of full rows (rows·V ≤ tile_elements):
     z = hidden[rows] @ weight.T (+ bias)       one GEMM, in the inputs' dtype, as the unfused model has it
@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import torch
 
+from .._dispatch import empty_row_stats, tile_shape
 from ..logprob.triton import selective_logprob_bwd, selective_logprob_fwd
-from .op import logits_into, tile_shape
 
+# Tiles of 2^28 elements = 512 MB of bf16 logits, a tenth of the [N, V] bf16 tensor at the target shape
+# (N = 16384, V = 151936), and GEMMs of ≥ 1766 rows (forward) or all 16384 rows (backward).
+TILE_ELEMENTS = 1 << 28
 # Preferred vocabulary width of a backward tile when N is too large to keep all rows in one tile.
-_MIN_VOCAB_TILE = 4096
+MIN_VOCAB_TILE = 4096
 
 _MM_OUT_DTYPE: bool | None = None
 
@@ -38,6 +41,13 @@ def _mm_fp32_out_supported(device: torch.device) -> bool:
         except (TypeError, RuntimeError, NotImplementedError):
             _MM_OUT_DTYPE = False
     return _MM_OUT_DTYPE
+
+
+def logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """out [n, Vt] = x [n, H] @ w[Vt, H].T (+ b [Vt]), the GEMM writing straight into a reused buffer."""
+    if b is None:
+        return torch.mm(x, w.T, out=out)
+    return torch.addmm(b, x, w.T, out=out)
 
 
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -56,20 +66,18 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def fused_linear_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              targets: torch.Tensor, *, temperature: float, return_entropy: bool,
-                             tile_elements: int
+                             tile_elements: int | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """hidden [N, H], weight [V, H], bias [V] or None, targets [N] int64.
 
-    Returns logp [N], entropy [N] or None, lse [N], mu [N] or None (fp32).
+    Returns logp [N], entropy [N] or None, lse [N], mu [N] or None (fp32). tile_elements: None for
+    TILE_ELEMENTS.
     """
+    tile_elements = TILE_ELEMENTS if tile_elements is None else tile_elements
     num_rows = hidden.shape[0]
     n_cols = weight.shape[0]
     rows = min(num_rows, max(1, tile_elements // n_cols))
-    out = dict(device=hidden.device, dtype=torch.float32)
-    logp = torch.empty(num_rows, **out)
-    lse = torch.empty(num_rows, **out)
-    entropy = torch.empty(num_rows, **out) if return_entropy else None
-    mu = torch.empty(num_rows, **out) if return_entropy else None
+    logp, entropy, lse, mu = empty_row_stats(num_rows, hidden.device, torch.float32, return_entropy)
     if num_rows == 0:
         return logp, entropy, lse, mu
     z_buf = torch.empty(rows, n_cols, device=hidden.device, dtype=hidden.dtype)
@@ -89,16 +97,19 @@ def fused_linear_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: t
 def fused_linear_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              targets: torch.Tensor, lse: torch.Tensor, mu: torch.Tensor | None,
                              dlogp: torch.Tensor | None, dentropy: torch.Tensor | None, *, temperature: float,
-                             needs_dx: bool, needs_dw: bool, needs_db: bool, tile_elements: int
+                             needs_dx: bool, needs_dw: bool, needs_db: bool,
+                             tile_elements: int | None = None
                              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dhidden [N, H], dweight [V, H], dbias [V]) in the inputs' dtypes; None where not needed.
 
-    lse, mu, dlogp, dentropy: [N] fp32 (dlogp or dentropy may be None, not both).
+    lse, mu, dlogp, dentropy: [N] fp32 (dlogp or dentropy may be None, not both). tile_elements: None for
+    TILE_ELEMENTS.
     """
+    tile_elements = TILE_ELEMENTS if tile_elements is None else tile_elements
     num_rows, hidden_size = hidden.shape
     n_cols = weight.shape[0]
     dev = hidden.device
-    rows, cols = tile_shape(num_rows, n_cols, tile_elements, _MIN_VOCAB_TILE)
+    rows, cols = tile_shape(num_rows, n_cols, tile_elements, MIN_VOCAB_TILE)
     one_token_chunk = rows >= num_rows
     dx32 = torch.zeros(num_rows, hidden_size, device=dev, dtype=torch.float32) if needs_dx else None
     dw = torch.empty_like(weight) if needs_dw else None

@@ -1,4 +1,4 @@
-"""Triton kernels for `selective_logprob` and their launchers. No autograd here (see op.py).
+"""Triton kernels for `selective_logprob` and their launchers. No autograd here (op.py holds it).
 
 Forward, one program per row, one online pass over the vocabulary in blocks of BLOCK_V columns:
     m      running max of z2 = logits · log2(e) / T      (base-2 units, so each element costs one exp2)
@@ -23,14 +23,15 @@ Works on Triton 3.6 through 3.9 and under TRITON_INTERPRET=1 (fp32/fp16 only the
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
+from .._dispatch import LN2, LOG2E, empty_row_stats
+
+# The shared constants as constexprs: a @triton.jit body may read a global only if it is a tl.constexpr.
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
 
 # Columns per block. 4096 bf16 columns are 8 KB: with 8 warps each thread loads 16 contiguous elements
 # (two 16-byte vectors), and a 151936 row takes 38 iterations.
@@ -47,7 +48,6 @@ def _selective_logprob_fwd_kernel(
     RETURN_ENTROPY: tl.constexpr,  # also store entropy and mu (the entropy gradient needs mu)
     BLOCK_V: tl.constexpr,
 ):
-    LN2: tl.constexpr = 0.6931471805599453
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row overflows int32 at N·V > 2^31
     row_ptr = LOGITS + row * stride_row
     target = tl.load(TARGETS + row)
@@ -82,14 +82,14 @@ def _selective_logprob_fwd_kernel(
     z2_target = tl.load(row_ptr + safe_target).to(tl.float32) * SCALE2
     # logp = (z_y - m) - log sum_e: the difference is taken before the (possibly large) max is added back,
     # so a peaked row keeps its tiny logp instead of ulp(|z|) noise.
-    logp = (z2_target - m_safe - log2_sum) * LN2
+    logp = (z2_target - m_safe - log2_sum) * _LN2
     tl.store(LOGP + row, tl.where(valid, logp, 0.0))
-    tl.store(LSE + row, (m_safe + log2_sum) * LN2)
+    tl.store(LSE + row, (m_safe + log2_sum) * _LN2)
     if RETURN_ENTROPY:
         # H = lse - Σp·z = log sum_e - s/sum_e, again without adding the max back.
-        entropy = (log2_sum - s / sum_e) * LN2
+        entropy = (log2_sum - s / sum_e) * _LN2
         tl.store(ENTROPY + row, tl.where(valid, entropy, 0.0))
-        tl.store(MU + row, (m_safe + s / sum_e) * LN2)
+        tl.store(MU + row, (m_safe + s / sum_e) * _LN2)
 
 
 @triton.jit
@@ -101,7 +101,6 @@ def _selective_logprob_bwd_kernel(
     HAS_DENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    LOG2E: tl.constexpr = 1.4426950408889634
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < n_cols
@@ -110,7 +109,7 @@ def _selective_logprob_bwd_kernel(
     lse = tl.load(LSE + row)
 
     z = tl.load(LOGITS + row * stride_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32) * INV_T
-    p = tl.exp2((z - lse) * LOG2E)
+    p = tl.exp2((z - lse) * _LOG2E)
     if HAS_DLOGP:
         g = tl.load(DLOGP + row)
     else:
@@ -148,11 +147,7 @@ def selective_logprob_fwd(logits: torch.Tensor, targets: torch.Tensor, *, temper
     """
     _check_rows(logits)
     num_rows, n_cols = logits.shape
-    out = dict(device=logits.device, dtype=torch.float32)
-    logp = torch.empty(num_rows, **out)
-    lse = torch.empty(num_rows, **out)
-    entropy = torch.empty(num_rows, **out) if return_entropy else None
-    mu = torch.empty(num_rows, **out) if return_entropy else None
+    logp, entropy, lse, mu = empty_row_stats(num_rows, logits.device, torch.float32, return_entropy)
     if num_rows == 0:
         return logp, entropy, lse, mu
     block_v = min(_FWD_BLOCK_V, triton.next_power_of_2(n_cols))
@@ -162,7 +157,7 @@ def selective_logprob_fwd(logits: torch.Tensor, targets: torch.Tensor, *, temper
         lse,
         mu if return_entropy else lse,         # never stored through: RETURN_ENTROPY is False
         logits.stride(0), n_cols,
-        SCALE2=_LOG2E / float(temperature), RETURN_ENTROPY=return_entropy,
+        SCALE2=LOG2E / float(temperature), RETURN_ENTROPY=return_entropy,
         BLOCK_V=block_v, num_warps=_NUM_WARPS if block_v >= 2048 else 4,
     )
     return logp, entropy, lse, mu

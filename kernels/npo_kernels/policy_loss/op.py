@@ -1,23 +1,26 @@
-"""Public `policy_loss`: argument checks, then the PyTorch reference or the Triton kernels behind a custom op.
+"""Public `policy_loss`: argument checks, then the PyTorch reference or the Triton kernels behind custom ops.
 
-Triton path, per call:
-    npo_kernels::policy_loss_fwd   one launch over a (B, ⌈T/BLOCK_T⌉) grid -> per-chunk loss sums [B, C] and
-                                   metric counts [B, C, 5] (no [B, T] intermediate is written)
-    row sums, aggregation, metrics small torch ops on [B] vectors, shared with the reference
-    npo_kernels::policy_loss_bwd   one launch: dlogp = dloss_chunk · m · ∂L/∂logp, recomputed from the inputs
-The ops are registered with torch.library (fake impls + autograd), so torch.compile traces through them.
+Layers on the Triton path, bottom up:
+    triton.policy_loss_fwd / _bwd   one launch each over a (B, ⌈T/BLOCK_T⌉) grid: per-chunk loss sums [B, C]
+                                    and metric counts [B, C, 5] (no [B, T] intermediate is written); the
+                                    backward recomputes dlogp = dloss_chunk · m · ∂L/∂logp from the inputs
+    npo_kernels::policy_loss_fwd / _bwd   torch.library custom ops around them, with fake impls
+    PolicyLossFunction              autograd: saves the inputs, differentiable in logp only
+    policy_loss                     validation; row sums, aggregation and metrics are small torch ops on [B]
+                                    vectors shared with the reference
+The CPU path ("auto" on CPU tensors, or backend="torch") is the vectorized reference itself: its [B, T]
+temporaries are a few MB, so there is no chunked path to add.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-from .._dispatch import BACKENDS, check_choice, use_triton
+from .._dispatch import BACKENDS, Backend, check_choice, chunk_size, fake_chunk_sums, use_triton
 from .reference import (
     AGGREGATIONS,
     GUIDE_TRANSFORMS,
+    NUM_STATS,
     Aggregation,
     GuideTransform,
     RowSums,
@@ -25,16 +28,8 @@ from .reference import (
     policy_metrics,
 )
 
-Backend = Literal["auto", "triton", "torch"]
-_NUM_STATS = 5  # tokens, clipped, dual_clipped, ratio, neg_log_ratio: RowSums after `loss`
-
-
-def chunk_size(seq_len: int) -> int:
-    """Tokens per program: a power of two ≤ 1024 (one program's registers), ≥ 16, covering short rows."""
-    return max(16, min(1024, 1 << max(seq_len - 1, 0).bit_length()))
-
-
 # ---- Custom ops (Triton kernels inside; imported lazily so CPU-only installs work without triton) ----------
+
 
 @torch.library.custom_op("npo_kernels::policy_loss_fwd", mutates_args=())
 def _policy_loss_fwd(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: torch.Tensor,
@@ -51,10 +46,7 @@ def _policy_loss_fwd(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages
 @_policy_loss_fwd.register_fake
 def _(logp, behavior_logp, advantages, mask, policy_id, clip_low, clip_high, dual_clip, guide_transform,
       shaping_gamma):
-    num_rows, seq_len = logp.shape
-    num_chunks = -(-seq_len // chunk_size(seq_len))
-    return (logp.new_empty(num_rows, num_chunks, dtype=torch.float32),
-            logp.new_empty(num_rows, num_chunks, _NUM_STATS, dtype=torch.float32))
+    return fake_chunk_sums(logp, NUM_STATS)
 
 
 @torch.library.custom_op("npo_kernels::policy_loss_bwd", mutates_args=())
@@ -76,25 +68,30 @@ def _(grad_chunk_loss, logp, behavior_logp, advantages, mask, policy_id, clip_lo
     return torch.empty_like(logp)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    logp, behavior_logp, advantages, mask, policy_id, *scalars = inputs
-    ctx.save_for_backward(logp, behavior_logp, advantages, mask, policy_id)
-    ctx.scalars = scalars
-    ctx.mark_non_differentiable(output[1])  # the metric counts do not depend on logp
+# ---- Autograd ----------------------------------------------------------------------------------------------
+
+class PolicyLossFunction(torch.autograd.Function):
+    """Autograd over the two custom ops: (chunk loss sums, chunk metric sums) from the inputs; differentiable
+    in logp only (the metric sums are marked non-differentiable)."""
+
+    @staticmethod
+    def forward(ctx, logp, behavior_logp, advantages, mask, policy_id, *scalars):
+        chunk_loss, chunk_stats = torch.ops.npo_kernels.policy_loss_fwd(
+            logp, behavior_logp, advantages, mask, policy_id, *scalars)
+        ctx.save_for_backward(logp, behavior_logp, advantages, mask, policy_id)
+        ctx.scalars = scalars
+        ctx.mark_non_differentiable(chunk_stats)
+        return chunk_loss, chunk_stats
+
+    @staticmethod
+    def backward(ctx, grad_chunk_loss, grad_stats):
+        logp, behavior_logp, advantages, mask, policy_id = ctx.saved_tensors
+        dlogp = torch.ops.npo_kernels.policy_loss_bwd(grad_chunk_loss.contiguous(), logp, behavior_logp,
+                                                      advantages, mask, policy_id, *ctx.scalars)
+        return (dlogp,) + (None,) * (4 + len(ctx.scalars))
 
 
-def _backward(ctx, grad_chunk_loss, grad_stats):
-    logp, behavior_logp, advantages, mask, policy_id = ctx.saved_tensors
-    dlogp = _policy_loss_bwd(grad_chunk_loss.contiguous(), logp, behavior_logp, advantages, mask, policy_id,
-                             *ctx.scalars)
-    return (dlogp,) + (None,) * (4 + len(ctx.scalars))  # differentiable in logp only
-
-
-_policy_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---- Public op ---------------------------------------------------------------------------------------------
-
+# ---- Public function ---------------------------------------------------------------------------------------
 
 def _check_args(logp, behavior_logp, advantages, mask, policy_id, clip_low, clip_high, dual_clip,
                 guide_transform, shaping_gamma, agg, norm_length, backend) -> None:
@@ -177,10 +174,10 @@ def policy_loss(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: tor
     args = [t.contiguous() for t in (logp, behavior_logp.detach(), advantages.detach(), mask)]
     if policy_id is not None:
         policy_id = policy_id.contiguous()
-    chunk_loss, chunk_stats = _policy_loss_fwd(*args, policy_id, float(clip_low), float(clip_high),
-                                               None if dual_clip is None else float(dual_clip),
-                                               guide_transform, float(shaping_gamma))
-    stats = chunk_stats.sum(1)  # [B, 5]
+    chunk_loss, chunk_stats = PolicyLossFunction.apply(*args, policy_id, float(clip_low), float(clip_high),
+                                                       None if dual_clip is None else float(dual_clip),
+                                                       guide_transform, float(shaping_gamma))
+    stats = chunk_stats.sum(1)  # [B, NUM_STATS]
     rows = RowSums(chunk_loss.sum(1), *stats.unbind(1))
     loss = AGGREGATIONS[agg](rows.loss, rows.tokens, logp.shape[1], norm_length)
     return loss, policy_metrics(rows, policy_id)

@@ -23,12 +23,9 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
-ON_POLICY = 0  # policy_id of sequences sampled from the current policy
-GUIDE = 1  # policy_id of NPO guide (or other off-policy) sequences
-
-# Clamp the log-ratio before exp(): exp(20) ≈ 4.9e8 is finite in fp32 and far beyond any clip range, while an
-# unclamped |Δ| = 100 overflows to inf and turns 0·inf into NaN (unsloth-zoo grpo_compute_loss fix).
-_MAX_LOG_RATIO = 20.0
+# The policy_id values (ON_POLICY = 0, GUIDE = 1) and the log-ratio clamp (MAX_LOG_RATIO = 20), shared by
+# the ops.
+from .._dispatch import GUIDE, MAX_LOG_RATIO, ON_POLICY  # noqa: F401  (GUIDE: importable from here)
 
 GuideTransform = Literal["ppo", "luffy", "exgrpo"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -99,6 +96,9 @@ class RowSums(NamedTuple):
     neg_log_ratio: torch.Tensor  # Σ_t −log_r·m
 
 
+NUM_STATS = len(RowSums._fields) - 1  # the metric sums after `loss`, as the Triton forward writes them
+
+
 def token_mean(row_loss, row_tokens, seq_len: int, norm_length: int | None) -> torch.Tensor:
     """Σ L·m / Σ m: every token weighs the same (DAPO)."""
     return row_loss.sum() / row_tokens.sum().clamp(min=1)
@@ -162,7 +162,7 @@ def token_terms(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: tor
     # Zero masked entries BEFORE exp (a padded −inf or garbage log-prob must not reach exp).
     logp = torch.where(m, logp.to(compute_dtype), 0.0)
     behavior_logp = torch.where(m, behavior_logp.detach().to(compute_dtype), 0.0)
-    log_r = (logp - behavior_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    log_r = (logp - behavior_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     adv = advantages.detach().to(compute_dtype)
     adv = adv[:, None].expand_as(logp) if adv.dim() == 1 else adv
     terms = ppo_clip(logp, log_r, adv, params)

@@ -7,7 +7,7 @@ and metrics are done on these tiny [B, C] outputs in torch (op.py), so any aggre
 The backward recomputes ∂L/∂logp from the inputs instead of saving it (no [B, T] fp32 residual).
 
 Loss scalars (clip range, dual clip, ln γ) and mode flags are `tl.constexpr` (reference/kernels.md §2: a
-Python float argument can become fp64 under Inductor). No autograd here; see op.py.
+Python float argument can become fp64 under Inductor). No autograd here (op.py holds it).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _MAX_LOG_RATIO, GUIDE_TRANSFORMS
+from .._dispatch import MAX_LOG_RATIO
+from .reference import GUIDE_TRANSFORMS, NUM_STATS
 
 # Kernel codes of the reference's guide transforms (the `GUIDE_TRANSFORM` constexpr of `_token_terms`).
 _GUIDE_TRANSFORM_CODE = {"ppo": 0, "luffy": 1, "exgrpo": 2}
 assert set(_GUIDE_TRANSFORM_CODE) == set(GUIDE_TRANSFORMS), "a guide transform has no Triton code"
-_NUM_STATS = 5  # tokens, clipped, dual_clipped, ratio, neg_log_ratio (reference.RowSums after `loss`)
 
 
 @triton.jit
@@ -88,14 +88,11 @@ def _token_terms(logp, blogp, adv, POLICY_ID, row,
 
 
 @triton.jit
-def _policy_loss_fwd_kernel(
-    LOGP, BLOGP, ADV, MASK, POLICY_ID,  # [B, T], [B, T], [B] or [B, T], [B, T], [B]
-    CHUNK_LOSS, CHUNK_STATS,  # [B, C] and [B, C, 5] fp32 outputs
-    T, NUM_CHUNKS,
-    CLIP_LOW: tl.constexpr, CLIP_HIGH: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, DUAL_CLIP: tl.constexpr,
-    GUIDE_TRANSFORM: tl.constexpr, LOG_GAMMA: tl.constexpr, MAX_LOG_RATIO: tl.constexpr,
-    ADV_PER_TOKEN: tl.constexpr, BLOCK_T: tl.constexpr,
-):
+def _chunk_terms(LOGP, BLOGP, ADV, MASK, POLICY_ID, T,
+                 CLIP_LOW: tl.constexpr, CLIP_HIGH: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+                 DUAL_CLIP: tl.constexpr, GUIDE_TRANSFORM: tl.constexpr, LOG_GAMMA: tl.constexpr,
+                 MAX_LOG_RATIO: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's chunk (row, chunk, element offsets, in-row flags) and its per-token terms."""
     row = tl.program_id(0).to(tl.int64)  # int64 element offsets: B·T may exceed 2^31 (kernels.md §2)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -105,11 +102,26 @@ def _policy_loss_fwd_kernel(
     loss, dloss, clipped, dual, log_r, r = _token_terms(
         logp, blogp, adv, POLICY_ID, row, CLIP_LOW, CLIP_HIGH, HAS_DUAL_CLIP, DUAL_CLIP, GUIDE_TRANSFORM,
         LOG_GAMMA, MAX_LOG_RATIO)
+    return row, chunk, offs, in_row, m, loss, dloss, clipped, dual, log_r, r
+
+
+@triton.jit
+def _policy_loss_fwd_kernel(
+    LOGP, BLOGP, ADV, MASK, POLICY_ID,  # [B, T], [B, T], [B] or [B, T], [B, T], [B]
+    CHUNK_LOSS, CHUNK_STATS,  # [B, C] and [B, C, NUM_STATS] fp32 outputs
+    T, NUM_CHUNKS,
+    CLIP_LOW: tl.constexpr, CLIP_HIGH: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, DUAL_CLIP: tl.constexpr,
+    GUIDE_TRANSFORM: tl.constexpr, LOG_GAMMA: tl.constexpr, MAX_LOG_RATIO: tl.constexpr,
+    ADV_PER_TOKEN: tl.constexpr, BLOCK_T: tl.constexpr, NUM_STATS: tl.constexpr,
+):
+    row, chunk, offs, in_row, m, loss, dloss, clipped, dual, log_r, r = _chunk_terms(
+        LOGP, BLOGP, ADV, MASK, POLICY_ID, T, CLIP_LOW, CLIP_HIGH, HAS_DUAL_CLIP, DUAL_CLIP, GUIDE_TRANSFORM,
+        LOG_GAMMA, MAX_LOG_RATIO, ADV_PER_TOKEN, BLOCK_T)
 
     # tl.where(flag, 1.0, 0.0) rather than flag.to(float): int1 casts misbehave in some interpreter versions.
     out = row * NUM_CHUNKS + chunk
     tl.store(CHUNK_LOSS + out, tl.sum(tl.where(m, loss, 0.0), axis=0))
-    stats = CHUNK_STATS + out * 5
+    stats = CHUNK_STATS + out * NUM_STATS
     tl.store(stats + 0, tl.sum(tl.where(m, 1.0, 0.0), axis=0))
     tl.store(stats + 1, tl.sum(tl.where(m & clipped, 1.0, 0.0), axis=0))
     tl.store(stats + 2, tl.sum(tl.where(m & dual, 1.0, 0.0), axis=0))
@@ -125,17 +137,11 @@ def _policy_loss_bwd_kernel(
     T, NUM_CHUNKS,
     CLIP_LOW: tl.constexpr, CLIP_HIGH: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, DUAL_CLIP: tl.constexpr,
     GUIDE_TRANSFORM: tl.constexpr, LOG_GAMMA: tl.constexpr, MAX_LOG_RATIO: tl.constexpr,
-    ADV_PER_TOKEN: tl.constexpr, BLOCK_T: tl.constexpr,
+    ADV_PER_TOKEN: tl.constexpr, BLOCK_T: tl.constexpr, NUM_STATS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    cols = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_row = cols < T
-    offs = row * T + cols
-    m, logp, blogp, adv = _load_chunk(LOGP, BLOGP, ADV, MASK, row, offs, in_row, ADV_PER_TOKEN)
-    loss, dloss, clipped, dual, log_r, r = _token_terms(
-        logp, blogp, adv, POLICY_ID, row, CLIP_LOW, CLIP_HIGH, HAS_DUAL_CLIP, DUAL_CLIP, GUIDE_TRANSFORM,
-        LOG_GAMMA, MAX_LOG_RATIO)
+    row, chunk, offs, in_row, m, loss, dloss, clipped, dual, log_r, r = _chunk_terms(
+        LOGP, BLOGP, ADV, MASK, POLICY_ID, T, CLIP_LOW, CLIP_HIGH, HAS_DUAL_CLIP, DUAL_CLIP, GUIDE_TRANSFORM,
+        LOG_GAMMA, MAX_LOG_RATIO, ADV_PER_TOKEN, BLOCK_T)
     g = tl.load(GRAD_CHUNK_LOSS + row * NUM_CHUNKS + chunk)
     dlogp = tl.where(m, g * dloss, 0.0)  # masked tokens get an exact zero
     tl.store(DLOGP + offs, dlogp.to(DLOGP.dtype.element_ty), mask=in_row)
@@ -153,7 +159,8 @@ def _kernel_args(logp, advantages, mask, policy_id, *, clip_low, clip_high, dual
     constexprs = dict(
         CLIP_LOW=float(clip_low), CLIP_HIGH=float(clip_high), HAS_DUAL_CLIP=dual_clip is not None,
         DUAL_CLIP=float(dual_clip or 0.0), GUIDE_TRANSFORM=transform, LOG_GAMMA=math.log(shaping_gamma),
-        MAX_LOG_RATIO=_MAX_LOG_RATIO, ADV_PER_TOKEN=advantages.dim() == 2, BLOCK_T=block_t,
+        MAX_LOG_RATIO=MAX_LOG_RATIO, ADV_PER_TOKEN=advantages.dim() == 2, BLOCK_T=block_t,
+        NUM_STATS=NUM_STATS,
     )
     return mask, policy_id_arg, constexprs
 
@@ -166,7 +173,7 @@ def policy_loss_fwd(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages:
     num_rows, seq_len = logp.shape
     num_chunks = triton.cdiv(seq_len, block_t)
     chunk_loss = torch.zeros(num_rows, num_chunks, dtype=torch.float32, device=logp.device)
-    chunk_stats = torch.zeros(num_rows, num_chunks, _NUM_STATS, dtype=torch.float32, device=logp.device)
+    chunk_stats = torch.zeros(num_rows, num_chunks, NUM_STATS, dtype=torch.float32, device=logp.device)
     if chunk_loss.numel() == 0:
         return chunk_loss, chunk_stats
     mask, policy_id_arg, constexprs = _kernel_args(
