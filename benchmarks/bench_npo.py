@@ -61,7 +61,8 @@ def main() -> None:
         npo.state.interventions = [{"name": "bench", "start": 0, "length": args.steps, "phase": "ahead"}]
         npo.sync_guide_engine()
         start = time.perf_counter()
-        cache, stats = build_guide_cache(npo, "bench", window, guide_step=args.steps)
+        prompts = list({r.id: r for step in window for r in npo.prompts_of_step(step)}.values())
+        cache, stats = build_guide_cache(npo, "bench", prompts, guide_step=args.steps, window=window)
         cache_seconds = time.perf_counter() - start
         npo.mixer._caches["bench"] = cache
         npo.state.interventions[0]["phase"] = "replay"

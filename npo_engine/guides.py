@@ -23,6 +23,7 @@ forward of those weights, so `guide_is: exact` has no train/inference mismatch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from npo_engine import algo
+from npo_engine.algo import autonpo
 from npo_engine.config import TrainConfig
 from npo_engine.data.records import PromptRecord
 from npo_engine.data.samples import GUIDE, Groups, Sample
@@ -57,6 +59,8 @@ class GuideHost(Protocol):
     run_dir: Path
     state: TrainState
     rewards: RewardRunner
+    engine: RolloutEngine
+    """The policy engine (AutoNPO's confirmation probe samples from it)."""
 
     def prompts_of_step(self, step: int) -> list[PromptRecord]: ...
     def encode_prompt(self, prompt: str, prompt_id: str) -> list[int]: ...
@@ -66,7 +70,9 @@ class GuideHost(Protocol):
     def trainer_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[torch.Tensor]: ...
     def save_checkpoint(self, *, pin: bool = False) -> Path: ...
     def discard_checkpoints_after(self, step: int) -> None: ...
+    def pin_checkpoint(self, step: int) -> None: ...
     def unpin_checkpoint(self, step: int) -> None: ...
+    def checkpoint_steps(self) -> list[tuple[int, Path]]: ...
     def restore(self, step: int, *, rollback: bool) -> dict[str, float]: ...
     def model_identity(self) -> dict[str, Any]: ...
     def event(self, kind: str, **fields: Any) -> None: ...
@@ -166,20 +172,17 @@ class GuideCache:
         self.manifest = manifest
 
 
-def build_guide_cache(host: GuideHost, name: str, window: range, guide_step: int) -> tuple[GuideCache, dict]:
-    """Sample `npo.k_guide` guide responses for each prompt this rank will see in `window`, verify them, keep
-    one correct response per prompt chosen uniformly (none: no entry), and record its guide log-probs.
+def build_guide_cache(host: GuideHost, name: str, prompts: list[PromptRecord], *, guide_step: int,
+                      window: range) -> tuple[GuideCache, dict]:
+    """Sample `npo.k_guide` guide responses for each of `prompts` (this rank's prompts of the replay `window`),
+    verify them, keep one correct response per prompt chosen uniformly (none: no entry), and record its guide
+    log-probs.
 
     The guide engine must hold the guide weights, and the trainer too (its forward gives the log-probs).
     Returns the cache (not yet saved) and numbers for the event.
     """
     cfg = host.cfg
     start = time.perf_counter()
-    records: dict[str, PromptRecord] = {}
-    for step in window:
-        for record in host.prompts_of_step(step):
-            records.setdefault(record.id, record)
-    prompts = list(records.values())
     prompt_ids = [host.encode_prompt(r.prompt, r.id) for r in prompts]
     k = cfg.npo.k_guide
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.npo.guide_temperature,
@@ -224,6 +227,7 @@ class GuideMixer(Protocol):
     def check(self, host: GuideHost) -> None: ...
     def before_step(self, host: GuideHost) -> None: ...
     def mix(self, groups: Groups, host: GuideHost) -> dict[str, float]: ...
+    def after_step(self, host: GuideHost, metrics: dict[str, float]) -> None: ...
     def discarding(self, host: GuideHost) -> bool: ...
     def rollout_stream(self, host: GuideHost) -> str: ...
 
@@ -235,6 +239,9 @@ class NoMixing:
         pass
 
     def check(self, host: GuideHost) -> None:
+        pass
+
+    def after_step(self, host: GuideHost, metrics: dict[str, float]) -> None:
         pass
 
     def mix(self, groups: Groups, host: GuideHost) -> dict[str, float]:
@@ -251,58 +258,21 @@ class NoMixing:
         return "rollout"
 
 
-class NPOMixing:
-    """`mix.mode: npo`: guide slots from a later checkpoint of the same run, on gated prompts of each replay
-    window (see the module docstring for the interventions)."""
+class GuideSlots:
+    """What NPO and AutoNPO share: guide caches per intervention, the replay windows, slot mixing, and carrying
+    out one intervention (guide cache, then rollback). Subclasses decide when interventions happen."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self._caches: dict[str, GuideCache] = {}
 
-    # ---- interventions
-
-    def plan(self) -> list[dict[str, Any]]:
-        """The interventions the config asks for, in order, all pending."""
-        npo, out = self.cfg.npo, []
-        if npo.early:
-            out.append(_intervention("early", 0, npo.early_steps))
-        if npo.late_start is not None:
-            out.append(_intervention("late", npo.late_start, npo.late_steps))
-        return out
-
-    def before_step(self, host: GuideHost) -> None:
-        state = host.state
-        if not state.interventions:
-            state.interventions = self.plan()
-        for iv in state.interventions:
-            end = iv["start"] + iv["length"]
-            if iv["phase"] == "pending" and state.step == iv["start"]:
-                iv["phase"] = "ahead"
-                iv["started_total_steps"] = state.total_steps
-                host.save_checkpoint(pin=True)  # the rollback target, with the intervention marked ahead
-                host.event("intervention_start", name=iv["name"], start=iv["start"], length=iv["length"],
-                           phase="ahead", total_steps=state.total_steps)
-            elif iv["phase"] == "ahead" and state.step == iv["start"] and self._saved_cache(host, iv):
-                # Resumed from the rollback target after a crash that came once the guide cache was complete
-                # (it is verified on load): the replay begins without a second train-ahead.
-                iv["phase"] = "replay"
-                host.save_checkpoint(pin=True)
-                host.event("intervention_resumed", name=iv["name"], phase="replay",
-                           entries=self._caches[iv["name"]].manifest["entries"])
-            elif iv["phase"] == "ahead" and state.step == end:
-                self._build_and_roll_back(host, iv)
-            elif iv["phase"] == "replay" and state.step == end:
-                iv["phase"] = "done"
-                host.unpin_checkpoint(iv["start"])
-                self._caches.pop(iv["name"], None)
-                host.event("intervention_done", name=iv["name"], window=[iv["start"], end],
-                           total_steps=state.total_steps)
-
-    def _build_and_roll_back(self, host: GuideHost, iv: dict[str, Any]) -> None:
+    def _build_and_roll_back(self, host: GuideHost, iv: dict[str, Any], prompts: list[PromptRecord]) -> None:
+        """The trainer's current weights (at step `end`) become the guide; cache verified guide trajectories
+        for `prompts` (this rank's), then roll back to `start` and open the replay window."""
         start, end = iv["start"], iv["start"] + iv["length"]
         began = time.perf_counter()
-        sync = host.sync_guide_engine()  # the trainer's weights at `end` become the guide
-        cache, stats = build_guide_cache(host, iv["name"], range(start, end), guide_step=end)
+        sync = host.sync_guide_engine()
+        cache, stats = build_guide_cache(host, iv["name"], prompts, guide_step=end, window=range(start, end))
         directory = self._cache_dir(host, iv)
         cache.save(directory, rank=host.dist.rank, dist_=host.dist, manifest=cache.manifest,
                    rank_prompts=stats["prompts"])
@@ -321,6 +291,8 @@ class NPOMixing:
         restore = host.restore(start, rollback=True)
         iv["phase"] = "replay"
         host.save_checkpoint(pin=True)  # `start` again, now with the intervention in replay
+        # The metrics rows of steps start+1..end logged so far are superseded by the replay's rows of the same
+        # steps: the final trajectory is the last row of each step (`npo plot` draws it so).
         host.event("rollback", name=iv["name"], to_step=start, from_step=end, total_steps=host.state.total_steps,
                    seconds=time.perf_counter() - began, restore_seconds=restore.get("time/restore"))
 
@@ -374,6 +346,28 @@ class NPOMixing:
 
     # ---- slot mixing
 
+    def _finish_replays(self, host: GuideHost) -> list[dict[str, Any]]:
+        """Close the replay windows that end at the current step; returns the interventions closed."""
+        closed = []
+        for iv in host.state.interventions:
+            end = iv["start"] + iv["length"]
+            if iv["phase"] == "replay" and host.state.step == end:
+                iv["phase"] = "done"
+                host.unpin_checkpoint(iv["start"])
+                self._caches.pop(iv["name"], None)
+                host.event("intervention_done", name=iv["name"], window=[iv["start"], end],
+                           total_steps=host.state.total_steps)
+                closed.append(iv)
+        return closed
+
+    def _replaying(self, host: GuideHost) -> bool:
+        step = host.state.step
+        return any(iv["phase"] == "replay" and iv["start"] <= step < iv["start"] + iv["length"]
+                   for iv in host.state.interventions)
+
+    def after_step(self, host: GuideHost, metrics: dict[str, float]) -> None:
+        pass
+
     def mix(self, groups: Groups, host: GuideHost) -> dict[str, float]:
         """Gate every group on its n on-policy samples; replace the last slot of gated groups whose prompt has
         a cache entry with the guide trajectory, its reward recomputed by the verifier (npo_method.md §5-§6)."""
@@ -406,6 +400,7 @@ class NPOMixing:
             for sample, reward in zip(replaced, rescored.rewards):
                 sample.reward = reward
 
+        self._gated(groups, p_hat, host)
         gated = p_hat <= self.cfg.mix.gate + 1e-9
         local = torch.tensor([
             float(inject.sum()), float(gated.sum()), float((gated & has_entry).sum()), float(has_entry.sum()),
@@ -422,7 +417,188 @@ class NPOMixing:
                 "npo/Q_strict": s[7] / s[6] if s[6] else float("nan")}
 
 
-MIXERS: dict[str, type] = {"none": NoMixing, "npo": NPOMixing}
+    def _gated(self, groups: Groups, p_hat: torch.Tensor, host: GuideHost) -> None:
+        """Called by `mix` with each group's on-policy accuracy before replacement (AutoNPO's mistake pool)."""
+
+
+class NPOMixing(GuideSlots):
+    """`mix.mode: npo`: the manual interventions of the `npo` section (early bootstrap, late plateau); guide
+    slots from a later checkpoint of the same run on gated prompts of each replay window."""
+
+    def plan(self) -> list[dict[str, Any]]:
+        """The interventions the config asks for, in order, all pending."""
+        npo, out = self.cfg.npo, []
+        if npo.early:
+            out.append(_intervention("early", 0, npo.early_steps))
+        if npo.late_start is not None:
+            out.append(_intervention("late", npo.late_start, npo.late_steps))
+        return out
+
+    def before_step(self, host: GuideHost) -> None:
+        state = host.state
+        if not state.interventions:
+            state.interventions = self.plan()
+        self._finish_replays(host)
+        for iv in state.interventions:
+            end = iv["start"] + iv["length"]
+            if iv["phase"] == "pending" and state.step == iv["start"]:
+                iv["phase"] = "ahead"
+                iv["started_total_steps"] = state.total_steps
+                host.save_checkpoint(pin=True)  # the rollback target, with the intervention marked ahead
+                host.event("intervention_start", name=iv["name"], start=iv["start"], length=iv["length"],
+                           phase="ahead", total_steps=state.total_steps)
+            elif iv["phase"] == "ahead" and state.step == iv["start"] and self._saved_cache(host, iv):
+                # Resumed from the rollback target after a crash that came once the guide cache was complete
+                # (it is verified on load): the replay begins without a second train-ahead.
+                iv["phase"] = "replay"
+                host.save_checkpoint(pin=True)
+                host.event("intervention_resumed", name=iv["name"], phase="replay",
+                           entries=self._caches[iv["name"]].manifest["entries"])
+            elif iv["phase"] == "ahead" and state.step == end:
+                prompts = _unique(record for step in range(iv["start"], end) for record in host.prompts_of_step(step))
+                self._build_and_roll_back(host, iv, prompts)
+
+
+class AutoNPOMixing(GuideSlots):
+    """`mix.mode: autonpo` (npo_method.md §11): the controller in `algo.autonpo` watches reward and entropy;
+    on a trigger the current policy is probed on the mistake pool, D* = argmax Q/V is chosen, the current
+    weights become the guide for the mistakes recorded in [t - D*, t), and the run rolls back D* steps and
+    replays them with guide slots on those prompts only. Every decision is an event with its inputs."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        a = cfg.autonpo
+        self.params = autonpo.ControllerParams(ema=a.reward_ema, window=a.window, min_gain=a.min_gain,
+                                               entropy_drop=a.entropy_drop, t_min=a.t_min, cooldown=a.cooldown,
+                                               probe_pass=a.probe_pass, probe_retry=a.probe_retry)
+        self._decision_metrics: dict[str, float] = {}
+
+    # ---- signals
+
+    def after_step(self, host: GuideHost, metrics: dict[str, float]) -> None:
+        """Fold the step's on-policy reward and entropy into the controller's EMAs."""
+        entropy = metrics.get("entropy/on_policy", metrics.get("entropy/mean"))
+        state = autonpo.observe(self._controller(host), self.params, metrics["reward/mean"], entropy)
+        host.state.controller = state.to_json()
+
+    def _gated(self, groups: Groups, p_hat: torch.Tensor, host: GuideHost) -> None:
+        """Record one failing rollout of each gated group in the mistake pool (not while replaying: those
+        prompts are already in it), then keep only the entries the largest distance can reach."""
+        if self._replaying(host):
+            return
+        step, new = host.state.step, []
+        for g, group in enumerate(groups.groups()):
+            if p_hat[g] > self.cfg.mix.gate + 1e-9:
+                continue
+            failing = next((s for s in group if s.reward < SUCCESS_REWARD and s.policy_id == 0), None)
+            if failing is None:
+                continue
+            new.append({"prompt_id": failing.prompt_id, "prompt": failing.prompt, "answer": failing.answer,
+                        "step": step, "rank": host.dist.rank, "token_ids": list(failing.completion_ids),
+                        "logp": [round(float(x), 6) for x in failing.behavior_logp]})
+        pool = host.state.mistake_pool + [e for part in all_gather_objects(new) for e in part]
+        horizon = step - max(self.cfg.autonpo.distances)
+        host.state.mistake_pool = [e for e in pool if e["step"] >= horizon]
+
+    def mix(self, groups: Groups, host: GuideHost) -> dict[str, float]:
+        out = super().mix(groups, host)
+        out |= self._decision_metrics
+        self._decision_metrics = {}
+        return out
+
+    # ---- decisions
+
+    def before_step(self, host: GuideHost) -> None:
+        for iv in self._finish_replays(host):
+            host.state.controller = dataclasses.replace(self._controller(host), last_end=host.state.step).to_json()
+        t = host.state.step
+        every = self.cfg.checkpoint.every
+        # Fire only where a checkpoint was just taken (t a multiple of the cadence), so every t - D is one too.
+        if t == 0 or t % every or self._replaying(host):
+            return
+        controller = self._controller(host)
+        fire, why = autonpo.should_probe(controller, self.params, t)
+        if not fire:
+            return
+        host.event("autonpo_trigger", **why)
+        self._probe_and_decide(host, controller, t)
+
+    def _probe_and_decide(self, host: GuideHost, controller: autonpo.ControllerState, t: int) -> None:
+        cfg, distances = self.cfg.autonpo, tuple(self.cfg.autonpo.distances)
+        pool = [e for e in host.state.mistake_pool if t - max(distances) <= e["step"] < t]
+        picks = autonpo.stratified_pick([e["step"] for e in pool], t, distances, cfg.probe_prompts)
+        passed = self._probe(host, [pool[i] for i in picks], t)
+        pooled = sum(passed) / len(passed) if passed else 0.0
+        confirmed = bool(passed) and pooled >= self.params.probe_pass
+        host.event("autonpo_probe", prompts=len(passed), pool=len(pool), pass_rate=pooled, confirmed=confirmed)
+        if not confirmed:
+            host.state.controller = dataclasses.replace(controller, last_probe=t).to_json()
+            return
+
+        kept = {s for s, _ in host.checkpoint_steps()}
+        candidates = [d for d in sorted(distances) if t - d >= 0 and (t - d) in kept]
+        probe_steps = [pool[i]["step"] for i in picks]
+        q = {d: autonpo.q_hat(passed, probe_steps, t, d) for d in candidates}
+        kl = self._kl_tokens(host, pool)
+        v = {d: autonpo.v_hat(kl, [e["step"] for e in pool], t, d) for d in candidates}
+        d_star, table = autonpo.choose_distance(q, v)
+        host.event("autonpo_decision", candidates=table, d_star=d_star, probe_pass=pooled)
+        if d_star is None:
+            host.state.controller = dataclasses.replace(controller, last_probe=t).to_json()
+            return
+        self._decision_metrics = {"npo/Q": q[d_star], "npo/V": v[d_star], "npo/S": q[d_star] / v[d_star],
+                                  "npo/d_star": float(d_star)}
+        controller = dataclasses.replace(controller, interventions=controller.interventions + 1, last_probe=None)
+        host.state.controller = controller.to_json()
+        iv = {"name": f"auto{controller.interventions}", "start": t - d_star, "length": d_star, "phase": "ahead",
+              "d_star": d_star, "trigger_step": t}
+        host.state.interventions.append(iv)
+        host.pin_checkpoint(t - d_star)
+        mine = [e for e in pool if t - d_star <= e["step"] < t and e["rank"] == host.dist.rank]
+        prompts = _unique(PromptRecord(id=e["prompt_id"], prompt=e["prompt"], answer=e["answer"]) for e in mine)
+        self._build_and_roll_back(host, iv, prompts)
+
+    def _probe(self, host: GuideHost, entries: list[dict[str, Any]], t: int) -> list[float]:
+        """Pass rate of the current policy on each probed entry (`probe_samples` rollouts each), in order;
+        the entries are split over the ranks and the results gathered."""
+        k, rank, world = self.cfg.autonpo.probe_samples, host.dist.rank, host.dist.world_size
+        mine = list(range(rank, len(entries), world))
+        rates: dict[int, float] = {}
+        if mine:
+            prompt_ids = [host.encode_prompt(entries[i]["prompt"], entries[i]["prompt_id"]) for i in mine]
+            params = SamplingParams(max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                    temperature=self.cfg.rollout.temperature, top_p=self.cfg.rollout.top_p,
+                                    top_k=self.cfg.rollout.top_k, seed=stream_seed(self.cfg.run.seed, "probe", t, rank))
+            out = host.engine.generate([ids for ids in prompt_ids for _ in range(k)], params)
+            scored = host.rewards.score([entries[i]["prompt"] for i in mine for _ in range(k)],
+                                        [host.decode_completion(ids) for ids in out.token_ids],
+                                        [entries[i]["answer"] for i in mine for _ in range(k)])
+            for j, i in enumerate(mine):
+                rates[i] = sum(r >= SUCCESS_REWARD for r in scored.rewards[j * k : (j + 1) * k]) / k
+        merged: dict[int, float] = {}
+        for part in all_gather_objects(rates):
+            merged |= part
+        return [merged[i] for i in range(len(entries))]
+
+    def _kl_tokens(self, host: GuideHost, pool: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Per-token k3 KL(π_then ‖ π_now) of every stored failing rollout: a forward pass of the current
+        policy on them, against the behaviour log-probs stored when they were sampled (no generation)."""
+        rank, world = host.dist.rank, host.dist.world_size
+        mine = list(range(rank, len(pool), world))
+        logps = host.trainer_logprobs([host.encode_prompt(pool[i]["prompt"], pool[i]["prompt_id"]) for i in mine],
+                                      [pool[i]["token_ids"] for i in mine]) if mine or world > 1 else []
+        local = {i: autonpo.k3_per_token(now, torch.tensor(pool[i]["logp"], dtype=torch.float64)).tolist()
+                 for i, now in zip(mine, logps)}
+        merged: dict[int, list[float]] = {}
+        for part in all_gather_objects(local):
+            merged |= part
+        return [torch.tensor(merged[i], dtype=torch.float64) for i in range(len(pool))]
+
+    def _controller(self, host: GuideHost) -> autonpo.ControllerState:
+        return autonpo.ControllerState.from_json(host.state.controller)
+
+
+MIXERS: dict[str, type] = {"none": NoMixing, "npo": NPOMixing, "autonpo": AutoNPOMixing}
 
 
 def make_mixer(cfg: TrainConfig) -> GuideMixer:
@@ -430,7 +606,7 @@ def make_mixer(cfg: TrainConfig) -> GuideMixer:
     if cfg.mix.mode not in MIXERS:
         raise ValueError(f"mix.mode = {cfg.mix.mode!r} has no mixing rule; choose one of {sorted(MIXERS)}")
     cls = MIXERS[cfg.mix.mode]
-    return cls(cfg) if cls is NPOMixing else cls()
+    return cls() if cls is NoMixing else cls(cfg)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -441,6 +617,14 @@ def stream_seed(seed: int, stream: str, step: int, rank: int) -> int:
     rollback): rollouts, guide sampling and guide picks each draw from their own stream."""
     digest = hashlib.sha256(f"{seed}/{stream}/{step}/{rank}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _unique(records) -> list[PromptRecord]:
+    """Prompt records in first-seen order, one per id."""
+    out: dict[str, PromptRecord] = {}
+    for record in records:
+        out.setdefault(record.id, record)
+    return list(out.values())
 
 
 def _intervention(name: str, start: int, length: int) -> dict[str, Any]:

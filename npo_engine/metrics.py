@@ -221,6 +221,12 @@ def plot_run(run_dir: Path) -> list[Path]:
 
     # The final trajectory: rows of segments a rollback undid (scouts, train-ahead) are kept in the file, marked
     # `discarded`, and drawn only against total_steps, where they show what the run spent.
+    # A rollback can also undo rows written as kept (AutoNPO decides after the fact), so the final trajectory
+    # is the last row of each step.
+    last_of_step = {r["step"]: i for i, r in enumerate(records)}
+    for i, r in enumerate(records):
+        if last_of_step[r["step"]] != i:
+            r["discarded"] = 1.0
     final = [r for r in records if not r.get("discarded")]
     panels = [(stem, title, ylabel, names, "step", final) for stem, title, ylabel, names in _PANELS]
     if any("total_steps" in r for r in records):

@@ -197,6 +197,7 @@ class Trainer:
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
         metrics["total_steps"] = self.state.total_steps
         metrics["discarded"] = float(discarded)
+        self.mixer.after_step(self, metrics)                                 # signals for a controller
         self.metrics.log(self.state.step, metrics)
         if cfg.checkpoint.every and self.state.step % cfg.checkpoint.every == 0:
             self.save_checkpoint()
@@ -418,8 +419,15 @@ class Trainer:
         """Delete the checkpoints of steps after `step`: a rollback to `step` discards that segment."""
         self.checkpoints.discard_after(step)
 
+    def pin_checkpoint(self, step: int) -> None:
+        self.checkpoints.pin(step)
+
     def unpin_checkpoint(self, step: int) -> None:
         self.checkpoints.unpin(step)
+
+    def checkpoint_steps(self) -> list[tuple[int, Path]]:
+        """The complete checkpoints kept, as (step, path), oldest first."""
+        return self.checkpoints.list()
 
     def export(self, step: int) -> Path:
         """The policy as a Hugging Face directory under exports/ (loadable by transformers, vLLM, guides)."""

@@ -114,11 +114,11 @@ def test_crash_during_an_intervention_then_resume(tmp_path, cache_dir, monkeypat
     real = guides.build_guide_cache
     calls = []
 
-    def crash_on_late(host, name, window, guide_step):
+    def crash_on_late(host, name, prompts, **kwargs):
         calls.append(name)
         if name == "late":
             raise KeyboardInterrupt("killed while building the late guide cache")
-        return real(host, name, window, guide_step)
+        return real(host, name, prompts, **kwargs)
 
     monkeypatch.setattr(guides, "build_guide_cache", crash_on_late)
     with pytest.raises(KeyboardInterrupt):
