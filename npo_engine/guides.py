@@ -513,6 +513,8 @@ class AutoNPOMixing(GuideSlots):
             host.state.controller = dataclasses.replace(self._controller(host), last_end=host.state.step).to_json()
         t = host.state.step
         every = self.cfg.checkpoint.every
+        if t == 0 and not any(step == 0 for step, _ in host.checkpoint_steps()):
+            host.save_checkpoint()  # the periodic checkpoints start at step 0: the farthest rollback target
         # Fire only where a checkpoint was just taken (t a multiple of the cadence), so every t - D is one too.
         if t == 0 or t % every or self._replaying(host):
             return

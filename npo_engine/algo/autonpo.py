@@ -75,7 +75,7 @@ def should_probe(state: ControllerState, params: ControllerParams, step: int) ->
     (decline); and t ≥ t_min, ≥ `cooldown` steps since the last intervention ended, ≥ `probe_retry` steps since
     a probe that did not confirm. Returns the decision and its inputs (for the event).
     """
-    why: dict[str, Any] = {"step": step}
+    why: dict[str, Any] = {}
     if len(state.reward_history) <= params.window:
         return False, {**why, "reason": "warming up"}
     gain = state.reward_history[-1] - state.reward_history[0]

@@ -237,3 +237,48 @@ def test_one_and_two_ranks_give_the_same_gradient(tmp_path, cache_dir, agg):
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-7, msg=name)
     assert sum(g.abs().sum() for g in a.values()) > 0
+
+
+AUTONPO = ["mix.mode=autonpo", "mix.gate=1.0", "run.steps=8", "checkpoint.every=2", "checkpoint.keep_last=3",
+           "autonpo.distances=[2,4]", "autonpo.window=2", "autonpo.min_gain=1e9", "autonpo.entropy_drop=-1",
+           "autonpo.t_min=4", "autonpo.cooldown=4", "autonpo.probe_prompts=8", "autonpo.probe_samples=16",
+           "autonpo.probe_pass=0", "npo.k_guide=8"]
+
+
+def test_autonpo_fires_and_rolls_back(tmp_path, cache_dir):
+    """An easy trigger (any reward gain counts as stagnation, any entropy change as decline): the controller
+    fires at the first checkpoint step past t_min, probes, picks D*, caches, rolls back D* steps and replays;
+    every decision is an event with its inputs."""
+    run = tmp_path / "auto"
+    trainer = _train(tiny_config(cache_dir, *AUTONPO), run)
+    events = _rows(run, "events.jsonl")
+    kinds = [e["kind"] for e in events]
+    assert "autonpo_trigger" in kinds and "autonpo_probe" in kinds and "autonpo_decision" in kinds
+    decision = next(e for e in events if e["kind"] == "autonpo_decision")
+    assert decision["step"] == 4 and decision["d_star"] in (2, 4)
+    assert [row["distance"] for row in decision["candidates"]] == [2, 4]
+    for row in decision["candidates"]:
+        assert row["V"] is None or row["V"] >= 1.0          # exp of a non-negative KL estimate
+    rollback = next(e for e in events if e["kind"] == "rollback")
+    assert rollback["to_step"] == 4 - decision["d_star"] and rollback["from_step"] == 4
+    cache = next(e for e in events if e["kind"] == "guide_cache")
+    assert cache["window"] == [4 - decision["d_star"], 4]
+
+    rows = _rows(run)
+    d = decision["d_star"]
+    assert [r["step"] for r in rows[:4 + d]] == [1, 2, 3, 4] + list(range(5 - d, 5))
+    decided = rows[4]
+    assert {"npo/Q", "npo/V", "npo/S"} <= decided.keys() and decided["npo/d_star"] == d
+    assert rows[-1]["step"] == 8 and trainer.state.step == 8
+    controller = trainer.state.controller
+    assert controller["interventions"] >= 1 and controller["last_end"] is not None
+    assert trainer.state.interventions[0]["phase"] == "done"
+    # The mistake pool keeps what the largest distance can reach, and survives in the checkpoint.
+    assert all(e["step"] >= 8 - 4 - 1 for e in trainer.state.mistake_pool)
+    from npo_engine.checkpoint import CheckpointManager
+
+    latest = CheckpointManager(run / "checkpoints").latest()
+    saved = json.loads((latest / "extra.json").read_text())["train_state"]
+    assert saved["mistake_pool"] == trainer.state.mistake_pool
+    assert saved["controller"]["interventions"] == controller["interventions"]
+    assert saved["controller"]["reward_history"] == controller["reward_history"]
