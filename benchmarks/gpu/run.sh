@@ -6,6 +6,10 @@
 #
 #   bash benchmarks/gpu/run.sh                                   # results in $OUT (default benchmarks/results)
 #   NPO_GPU_SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu/run.sh    # dry run on CPU with tiny shapes
+#   NPO_GPU_PARTS="train" bash benchmarks/gpu/run.sh              # only some parts: tests bench train
+#
+# The `train` part runs GRPO and NPO-early on the demo task under `torchrun --nproc_per_node=1` (NCCL, FSDP2,
+# bf16) for a few steps each: the engine end to end on CUDA, with each run's metrics and events.
 #
 # Outputs in $OUT, prefixed gpu_ (or smoke_): run.log, tests.txt, <suite>.json (pytest-benchmark layout),
 # <suite>.txt (report table), report.txt (all suites + targets).
@@ -35,6 +39,9 @@ import npo_kernels.logprob.op, npo_kernels.fused_linear.op
 print("npo_kernels imports from", npo_kernels.__path__[0] if hasattr(npo_kernels, "__path__") else "?")
 EOF
 
+PARTS="${NPO_GPU_PARTS:-tests bench train}"
+has_part() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
+
 HAVE_PYTEST=0; python -c "import pytest" 2>/dev/null && HAVE_PYTEST=1
 HAVE_PLUGIN=0; python -c "import pytest_benchmark" 2>/dev/null && HAVE_PLUGIN=1
 log "pytest: $HAVE_PYTEST, pytest-benchmark: $HAVE_PLUGIN (without it benchmarks/_shim.py stands in)"
@@ -43,7 +50,9 @@ PYTEST=(python -m pytest -o addopts= --import-mode=importlib -q -rs -p no:cachep
 [ "$HAVE_PLUGIN" = 1 ] || PYTEST+=(-p benchmarks._shim)
 
 # 1. GPU tests (bf16 error budgets at real shapes, compile on/off, int64 offsets) of every kernel family.
-if [ "$HAVE_PYTEST" = 1 ]; then
+if ! has_part tests; then
+  log "tests skipped (NPO_GPU_PARTS=$PARTS)"
+elif [ "$HAVE_PYTEST" = 1 ]; then
   log "tests: pytest tests/kernels -m gpu"
   timeout 130 "${PYTEST[@]}" tests/kernels -m gpu > "$OUT/${TAG}_tests.txt" 2>&1
   rc=$?
@@ -57,6 +66,7 @@ fi
 # 2. Benchmarks, one JSON and one table per suite.
 run_suite() {   # name, file, time limit (s), [op for the pytest-free runner]
   local name=$1 file=$2 limit=$3 op=${4:-}
+  has_part bench || return 0
   [ -f "$file" ] || { log "benchmark $name: $file absent, skipped"; return; }
   local json="$OUT/${TAG}_${name}.json"
   log "benchmark $name (limit ${limit}s)"
@@ -78,7 +88,35 @@ run_suite fused_linear benchmarks/test_bench_fused_linear.py 160 fused_linear_lo
 run_suite policy_loss benchmarks/test_bench_policy_loss.py 45
 run_suite group_advantages benchmarks/test_bench_group_advantages.py 25
 
-# 3. One report over everything that produced JSON, with the targets.
+# 3. The engine end to end on CUDA: GRPO and NPO-early on the demo task, a few steps each.
+if has_part train; then
+  if [ "${NPO_GPU_SMOKE:-0}" != "0" ]; then STEPS=3; EARLY=1; SFT=20; else STEPS=40; EARLY=10; SFT=500; fi
+  export NPO_CACHE_DIR="${NPO_CACHE_DIR:-$(mktemp -d)}"
+  for run in grpo npo_early; do
+    extra=(); [ "$run" = npo_early ] && extra=(--config configs/npo_early.yaml "npo.early_steps=$EARLY")
+    log "train: $run, $STEPS steps (torchrun, 1 process)"
+    timeout 200 torchrun --nproc_per_node=1 -m npo_engine.train "${extra[@]}" "run.steps=$STEPS" \
+      "model.demo_sft_steps=$SFT" logging.progress=false logging.eval_every=20 data.eval_size=100 \
+      --run-dir "$OUT/${TAG}_train_$run" > "$OUT/${TAG}_train_${run}.log" 2>&1
+    log "train $run exit code $?"
+    tail -n 3 "$OUT/${TAG}_train_${run}.log" | tee -a "$LOG"
+  done
+  python - "$OUT" "$TAG" <<'PYEOF' 2>&1 | tee -a "$LOG"
+import json, statistics, sys
+out, tag = sys.argv[1], sys.argv[2]
+for run in ("grpo", "npo_early"):
+    try:
+        rows = [json.loads(line) for line in open(f"{out}/{tag}_train_{run}/metrics.jsonl")]
+    except FileNotFoundError:
+        print(run, "no metrics"); continue
+    steps = [r["time/step"] for r in rows[2:]] or [r["time/step"] for r in rows]
+    evals = [(r["step"], r["total_steps"], r["acc/eval"]) for r in rows if "acc/eval" in r]
+    print(f"{run}: {len(rows)} rows, median time/step {statistics.median(steps):.3f} s, "
+          f"guide slots {sum(r.get('guide/slots', 0) for r in rows):.0f}, evals (step, total, acc) {evals}")
+PYEOF
+fi
+
+# 4. One report over everything that produced JSON, with the targets.
 jsons=()
 for name in logprob fused_linear policy_loss group_advantages; do
   [ -f "$OUT/${TAG}_${name}.json" ] && jsons+=("$OUT/${TAG}_${name}.json")
