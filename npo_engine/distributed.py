@@ -40,7 +40,9 @@ def init_distributed() -> Dist:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        backend = "nccl"
+        # NCCL for CUDA tensors, gloo for the small CPU tensors and objects of metrics and bookkeeping (NCCL
+        # has no CPU path: a CPU all_reduce on an NCCL-only group fails with "No backend type ...").
+        backend = "cpu:gloo,cuda:nccl"
     else:
         device = torch.device("cpu")
         backend = "gloo"
