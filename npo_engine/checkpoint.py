@@ -8,19 +8,31 @@ step_000120/
   rng_rank{r}.pt    rank r's RNG streams: python `random`, numpy, torch CPU, torch CUDA, named generators
   scheduler.pt      LR scheduler state_dict (rank 0; only when a scheduler was passed)
   extra.json        the caller's JSON-able trainer state: step, data position, controller state, ... (rank 0)
-  COMPLETE          JSON manifest: step, world size, every file with its size. Written last.
+  COMPLETE          JSON manifest: step, world size, every file with its size and SHA-256. Written last.
 ```
 
 Saving is a commit protocol, so a crash or a SIGKILL at any moment leaves the previous checkpoint loadable:
 
 1. rank 0 removes leftovers of interrupted saves (`step_*.tmp`, `step_*.old`, `step_*.trash`); barrier.
 2. every rank writes into `step_XXXXXX.tmp/` (the name derives from the step, so ranks agree without talking),
-   fsyncing each file; barrier.
+   fsyncing each file; barrier. The ranks then hash the files, each a share of them.
 3. rank 0 writes `COMPLETE`, fsyncs the directory and `os.replace`s it to `step_XXXXXX/`: the atomic commit.
 4. rank 0 applies retention (keep the newest `keep_last`, plus pinned steps); barrier.
 
 Only directories named `step_<digits>` that hold `COMPLETE` count as checkpoints; anything else is ignored by
-`list()`/`latest()` and cleared by the next save. `root` must be one filesystem that every rank sees.
+`list()`/`latest()` and cleared by the next save (or `clear_stale()`). `root` must be one filesystem that every
+rank sees. A save that fails to write (a full disk, a quota) removes its `.tmp` directory on every rank's word
+and raises `CheckpointWriteError` naming the directory, so nothing is left that fills the disk for the next
+attempt; any other exception is a crash and leaves the `.tmp` for the next save to clear.
+
+Loading checks every file against the manifest (size, then SHA-256; the ranks share the hashing) before any
+state is touched, and raises `CheckpointError` naming the damaged file; `nonfinite_weights()` then tells a
+caller whether the loaded weights are usable.
+
+Trust: a checkpoint directory is code, not data. DCP reads `dcp/.metadata` with `pickle`, which can run
+arbitrary code, so load only checkpoints written by you or a source you trust. The manifest hashes catch
+damage (a bad disk, a truncated copy, an edited file), not an attacker who rewrites the manifest too. Share
+models as the Hugging Face exports (`export_hf`: safetensors and JSON only), which are safe to load.
 
 The model and optimizer go through `get_state_dict`/`set_state_dict`, which handle FSDP2 (DTensor) and plain
 modules alike, so a checkpoint saved by N ranks loads on M ranks (DCP reshards). RNG streams do not reshard:
@@ -33,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import io
 import json
@@ -58,7 +71,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-# Bumped when the directory layout changes; load() refuses layouts it does not know.
+from npo_engine.errors import UserError
+
+# Bumped when the directory layout changes; load() refuses layouts it does not know. (The manifest's "sha256"
+# map was added without a bump: older checkpoints have none and are checked by size only.)
 _FORMAT_VERSION = 1
 _COMPLETE = "COMPLETE"
 _DCP_DIR = "dcp"
@@ -67,6 +83,23 @@ _SCHEDULER = "scheduler.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Leftovers of an interrupted save, replacement or deletion; never loadable, removed by the next save.
 _STALE_DIR = re.compile(r"^step_\d+\.(tmp|old|trash)$")
+
+
+_DAMAGED_SUFFIX = ".damaged"  # a checkpoint set aside by `set_aside`: kept for inspection, never loaded or cleared
+_HASH_CHUNK = 1 << 20
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint cannot be loaded: incomplete, of an unknown format, or damaged (a file differs from the
+    manifest)."""
+
+
+class NoCheckpointError(UserError, FileNotFoundError):
+    """There is no (intact) checkpoint to resume or restore from."""
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A save could not write its files (disk full, quota, I/O error); the partial save was removed."""
 
 
 def _rng_file(rank: int) -> str:
@@ -145,6 +178,26 @@ class CheckpointManager:
     def unpin(self, step: int) -> None:
         self.pinned_steps.discard(step)
 
+    def set_aside(self, path: Path) -> Path:
+        """Rename a (damaged) checkpoint to `step_XXXXXX.damaged` so that nothing lists, loads or clears it; rank 0
+        renames, every rank gets the new path (collective)."""
+        target = path.with_name(path.name + _DAMAGED_SUFFIX)
+        if self.rank == 0:
+            suffix = 1
+            while target.exists():
+                target, suffix = path.with_name(f"{path.name}{_DAMAGED_SUFFIX}-{suffix}"), suffix + 1
+            os.replace(path, target)
+            _fsync_dir(self.root)
+        _barrier()
+        return Path(_broadcast(str(target)))
+
+    def clear_stale(self) -> None:
+        """Remove leftovers of interrupted saves now (the next save would), freeing their disk space; collective.
+        Call it only while no other process saves into `root` (the run directory's lock guarantees that)."""
+        if self.rank == 0 and self.root.is_dir():
+            self._clear_stale()
+        _barrier()
+
     # ---- save --------------------------------------------------------------------------------------------
 
     def save(
@@ -183,26 +236,58 @@ class CheckpointManager:
             self._clear_stale()
         _barrier()
 
-        tmp.mkdir(parents=True, exist_ok=True)
-        model_sd, optim_sd = _get_state(model, optimizer)
-        state = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
-        # FileSystemWriter fsyncs each file it writes (sync_files=True).
-        with _quiet_single_process():
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / _DCP_DIR), no_dist=not _dist_on())
-        _write_durable(tmp / _rng_file(self.rank), _torch_bytes(_capture_rng(generators or {})))
-        if self.rank == 0:
-            _write_durable(tmp / _EXTRA, extra_json.encode())
-            if scheduler is not None:
-                _write_durable(tmp / _SCHEDULER, _torch_bytes(scheduler.state_dict()))
-        _barrier()  # every rank's files are on disk
+        failure = None
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            model_sd, optim_sd = _get_state(model, optimizer)
+            state = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
+            # FileSystemWriter fsyncs each file it writes (sync_files=True).
+            with _quiet_single_process():
+                dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / _DCP_DIR), no_dist=not _dist_on())
+            _write_durable(tmp / _rng_file(self.rank), _torch_bytes(_capture_rng(generators or {})))
+            if self.rank == 0:
+                _write_durable(tmp / _EXTRA, extra_json.encode())
+                if scheduler is not None:
+                    _write_durable(tmp / _SCHEDULER, _torch_bytes(scheduler.state_dict()))
+        except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+            failure = _write_failure(e)
+            if failure is None:
+                raise  # a crash, not a failed write: the .tmp stays for the next save to clear
+        self._raise_if_any_failed(step, tmp, failure)  # every rank's files are on disk, or none is kept
 
+        names = _broadcast(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+                           if self.rank == 0 else None)
+        digests = self._share_hashing(tmp, names)
         if self.rank == 0:
-            self._commit(step, tmp, final)
+            self._commit(step, tmp, final, digests)
             self._apply_retention()
         _barrier()
         return final
 
-    def _commit(self, step: int, tmp: Path, final: Path) -> None:
+    def _raise_if_any_failed(self, step: int, tmp: Path, failure: BaseException | None) -> None:
+        """Collective: if any rank failed to write, remove the partial save and raise on every rank."""
+        failures = [f for f in _all_gather(None if failure is None else _describe_write_failure(failure)) if f]
+        if not failures:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        free = shutil.disk_usage(self.root).free if self.root.exists() else 0
+        full = any(f["disk_full"] for f in failures)
+        cause = ("the disk is full" if full else "a write failed") + f" ({failures[0]['what']})"
+        raise CheckpointWriteError(
+            f"cannot save the checkpoint of step {step} into {self.root}: {cause}; {free / 2**30:.2f} GiB are free "
+            f"there. The partial save was removed and the previous checkpoints are intact; free space (e.g. "
+            f"lower checkpoint.keep_last) or move the run directory to a larger disk, then --resume.")
+
+    def _share_hashing(self, directory: Path, names: list[str]) -> dict[str, str]:
+        """SHA-256 of `directory/name` for every name, each rank hashing every world_size-th file (collective)."""
+        digests: dict[str, str] = {}
+        for part in _all_gather({name: _sha256(directory / name) for name in names[self.rank :: self.world_size]}):
+            digests |= part
+        return digests
+
+    def _commit(self, step: int, tmp: Path, final: Path, digests: dict[str, str] | None = None) -> None:
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "format_version": _FORMAT_VERSION,
@@ -211,6 +296,7 @@ class CheckpointManager:
             "time": time.time(),
             "torch": torch.__version__,
             "files": files,
+            "sha256": digests or {},
         }
         _write_durable(tmp / _COMPLETE, json.dumps(manifest, indent=1).encode())
         _fsync_dir(tmp / _DCP_DIR)
@@ -288,7 +374,7 @@ class CheckpointManager:
         Returns the `extra` dict given to `save()`.
         """
         path = Path(path)
-        manifest = _read_manifest(path)
+        manifest = self.verify(path)
 
         model_sd, optim_sd = _get_state(model, optimizer)
         state = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
@@ -328,6 +414,32 @@ class CheckpointManager:
             _reseed(seed, self.rank, generators)
 
         return json.loads((path / _EXTRA).read_text())
+
+    def verify(self, path: Path) -> dict[str, Any]:
+        """Check that `path` is a complete checkpoint whose files match its manifest (sizes, then SHA-256 shared
+        over the ranks); returns the manifest or raises `CheckpointError` on every rank (collective)."""
+        path = Path(path)
+        problem, manifest = None, {}
+        try:
+            manifest = _read_manifest(path)
+        except CheckpointError as e:
+            problem = e
+        expected = manifest.get("sha256", {})
+        names = sorted(expected)
+        mismatched = [name for name in names[self.rank :: self.world_size]
+                      if _sha256(path / name) != expected[name]]
+        gathered = _all_gather((None if problem is None else str(problem), mismatched))
+        if problem is not None:
+            raise problem
+        problems = [p for p, _ in gathered if p]
+        if problems:
+            raise CheckpointError(problems[0])
+        bad = sorted(name for _, part in gathered for name in part)
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {', '.join(bad)} does not match the SHA-256 in its manifest; "
+                "use an earlier checkpoint (--resume falls back to the newest intact one)")
+        return manifest
 
     # ---- Hugging Face export -----------------------------------------------------------------------------
 
@@ -375,6 +487,78 @@ def _dist_on() -> bool:
 def _barrier() -> None:
     if _dist_on():
         dist.barrier()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if not _dist_on():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    if not _dist_on():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# Messages of writers that fail without an OSError: torch's zip writer reports a short write (a full disk) as
+# "unexpected pos"; others name the errno in their text.
+_WRITE_FAILURE_TEXT = ("unexpected pos", "No space left", "Disk quota exceeded", "file write failed")
+
+
+def _write_failure(exc: BaseException) -> BaseException | None:
+    """The failed write inside `exc` (itself, a cause, or one rank's failure in DCP's CheckpointException), or
+    None when `exc` is something else (a crash, a bug)."""
+    stack, seen = [exc], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) or any(text in str(e) for text in _WRITE_FAILURE_TEXT):
+            if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+                return e
+        stack += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():
+            stack.append(failure[0] if isinstance(failure, tuple) else failure)
+    return None
+
+
+def _describe_write_failure(exc: BaseException) -> dict[str, Any]:
+    text = " ".join(str(exc).split())
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+        t in text for t in ("unexpected pos", "No space left", "Disk quota exceeded"))
+    return {"what": f"{type(exc).__name__}: {text[:200]}", "disk_full": full}
+
+
+def nonfinite_weights(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding a NaN or an infinity on any rank (collective; [] when all are finite).
+
+    One pass over this rank's shards and one small all-reduce; the names make the error actionable."""
+    names, flags = [], []
+    for name, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param  # an FSDP2 shard
+        names.append(name)
+        flags.append(torch.isfinite(local.detach()).all() if local.numel() else
+                     torch.ones((), dtype=torch.bool, device=local.device))
+    if not flags:
+        return []
+    bad = (~torch.stack(flags)).to(torch.float32)
+    if _dist_on():
+        dist.all_reduce(bad)
+    return [name for name, b in zip(names, bad.tolist()) if b > 0]
 
 
 @contextlib.contextmanager
@@ -427,23 +611,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _NotComplete(CheckpointError, FileNotFoundError):
+    """No COMPLETE marker: an interrupted save, or not a checkpoint."""
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
     marker = path / _COMPLETE
     if not marker.is_file():
-        raise FileNotFoundError(
+        raise _NotComplete(
             f"{path} is not a complete checkpoint (no {_COMPLETE} marker); use CheckpointManager.latest() "
             "or list() to find complete ones."
         )
-    manifest = json.loads(marker.read_text())
+    try:
+        manifest = json.loads(marker.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: its {_COMPLETE} manifest is not JSON ({e}).") from e
     if manifest.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} has checkpoint format {manifest.get('format_version')}, "
             f"this code reads {_FORMAT_VERSION}."
         )
     for name, size in manifest["files"].items():
         found = path / name
         if not found.is_file() or found.stat().st_size != size:
-            raise ValueError(f"checkpoint {path} is damaged: {name} is missing or not {size} bytes.")
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing or not {size} bytes.")
     return manifest
 
 

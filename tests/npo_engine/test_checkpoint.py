@@ -309,3 +309,92 @@ def test_fsdp2_two_ranks(tmp_path):
     with pytest.warns(RuntimeWarning, match="saved by 2 ranks"):
         assert manager.load(manager.latest(), run.model, run.optimizer) == {"step": 2}
     assert_state_equal(reference["step2_model"], run.model.state_dict())
+
+
+# ---- integrity: content hashes, full disks, untrusted files -------------------------------------------------
+
+
+def test_same_size_corruption_is_refused_before_loading(tmp_path):
+    """A flipped byte keeps every size: the manifest's SHA-256 catches it, and nothing is loaded."""
+    model, optimizer = tiny_linear()
+    manager = CheckpointManager(tmp_path)
+    path = manager.save(1, model, optimizer)
+    manifest = json.loads((path / "COMPLETE").read_text())
+    assert set(manifest["sha256"]) == set(manifest["files"])
+    shard = next(name for name in manifest["files"] if name.endswith(".distcp"))
+    data = bytearray((path / shard).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / shard).write_bytes(bytes(data))
+
+    fresh, fresh_optimizer = tiny_linear()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=f"{shard} does not match the SHA-256"):  # a CheckpointError
+        manager.load(path, fresh, fresh_optimizer)
+    assert_state_equal(before, fresh.state_dict())
+
+
+def test_tampered_metadata_is_refused_before_it_is_unpickled(tmp_path):
+    """DCP unpickles dcp/.metadata. A same-size replacement that runs code when unpickled is refused by its hash
+    before DCP reads it (which is damage detection, not security: see the module docstring on trust)."""
+    model, optimizer = tiny_linear()
+    path = CheckpointManager(tmp_path).save(1, model, optimizer)
+    marker = tmp_path / "code_ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    metadata = path / "dcp" / ".metadata"
+    payload = __import__("pickle").dumps(RunsCode())
+    size = metadata.stat().st_size
+    assert len(payload) < size
+    metadata.write_bytes(payload + b"\0" * (size - len(payload)))  # pickle stops reading at its STOP opcode
+    with pytest.raises(ValueError, match="does not match the SHA-256"):
+        CheckpointManager(tmp_path).load(path, model, optimizer)
+    assert not marker.exists()
+
+
+def _fail_writing_extra(real):
+    def write(path, data):
+        if path.name == "extra.json":
+            with open(path, "wb") as f:
+                f.write(data[:10])
+            raise OSError(28, os.strerror(28), str(path))
+        return real(path, data)
+
+    return write
+
+
+def _short_write_in_dcp(real):
+    def save(*args, **kwargs):
+        real(*args, **kwargs)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")
+
+    return save
+
+
+@pytest.mark.parametrize("how", ["enospc", "short_write"])
+def test_full_disk_says_so_and_leaves_nothing_behind(tmp_path, monkeypatch, how):
+    model, optimizer = tiny_linear()
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, model, optimizer, extra={"step": 1})
+    with monkeypatch.context() as patch:
+        if how == "enospc":
+            patch.setattr(checkpoint, "_write_durable", _fail_writing_extra(checkpoint._write_durable))
+        else:
+            patch.setattr(checkpoint.dcp, "save", _short_write_in_dcp(checkpoint.dcp.save))
+        with pytest.raises(OSError, match=f"into {tmp_path}: the disk is full") as e:
+            manager.save(2, model, optimizer, extra={"step": 2})
+    assert type(e.value).__name__ == "CheckpointWriteError" and "GiB are free there" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]  # the partial save is gone
+    assert manager.load(manager.latest(), model, optimizer) == {"step": 1}
+    manager.save(2, model, optimizer, extra={"step": 2})
+    assert [step for step, _ in manager.list()] == [1, 2]
+
+
+def test_nonfinite_weights_names_the_tensors():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    assert checkpoint.nonfinite_weights(model) == []
+    with torch.no_grad():
+        model[1].bias[0] = float("inf")
+    assert checkpoint.nonfinite_weights(model) == ["1.bias"]
