@@ -90,7 +90,7 @@ run_suite group_advantages benchmarks/test_bench_group_advantages.py 25
 
 # 3. The engine end to end on CUDA: GRPO and NPO-early on the demo task, a few steps each.
 if has_part train; then
-  if [ "${NPO_GPU_SMOKE:-0}" != "0" ]; then STEPS=3; EARLY=1; SFT=20; else STEPS=40; EARLY=10; SFT=500; fi
+  if [ "${NPO_GPU_SMOKE:-0}" != "0" ]; then STEPS=3; EARLY=1; SFT=20; else STEPS=${NPO_GPU_TRAIN_STEPS:-40}; EARLY=$((STEPS / 4)); SFT=500; fi
   export NPO_CACHE_DIR="${NPO_CACHE_DIR:-$(mktemp -d)}"
   for run in grpo npo_early; do
     extra=(); [ "$run" = npo_early ] && extra=(--config configs/npo_early.yaml "npo.early_steps=$EARLY")
