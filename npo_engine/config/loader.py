@@ -165,8 +165,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
         for section, body in (loaded or {}).items():
+            if body is None:  # `rollout:` with every key commented out: the section's defaults
+                body = {}
             if not isinstance(body, dict):
-                _merge(values, [section], body, TrainConfig)  # fails with a clear message
+                _merge(values, [section], body, TrainConfig)  # an unknown section fails here, clearly
+                raise ConfigError(f"{section} in {path} must be a mapping of its fields (section: {{key: value}}), "
+                                  f"got {body!r}")
             for key, value in body.items():
                 _merge(values, [section, key], value, TrainConfig)
     for text in overrides:

@@ -8,8 +8,12 @@ checks that involve two sections live in `TrainConfig.__post_init__`.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from npo_engine.errors import UserError
 
 
 __all__ = ["AlgoConfig", "CheckpointConfig", "ConfigError", "DataConfig", "KernelConfig", "LoggingConfig",
@@ -17,13 +21,27 @@ __all__ = ["AlgoConfig", "CheckpointConfig", "ConfigError", "DataConfig", "Kerne
            "TrainConfig"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, key or value is invalid; the message says which and how to fix it."""
 
 
 def _check(condition: bool, key: str, value: Any, fix: str) -> None:
     if not condition:
         raise ConfigError(f"{key} = {value!r} is invalid: {fix}")
+
+
+def _check_finite(section: Any, name: str) -> None:
+    """Every float of a section (alone or in a tuple) must be finite: no field gives NaN or infinity a meaning,
+    and one that slips through fails much later (an infinite learning rate writes inf into the weights)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{name}.{f.name} = {value!r} is invalid: use a finite number")
+
+
+# A value no prompt contains, to check that a template substitutes {prompt} and nothing else.
+_TEMPLATE_PROBE = "\x00prompt\x00"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +106,14 @@ class DataConfig:
         _check(self.eval_size >= 0, "data.eval_size", self.eval_size, "use a count >= 0 (0 disables evaluation)")
         _check(self.prompts_per_step >= 1, "data.prompts_per_step", self.prompts_per_step, "use a count >= 1")
         _check(self.max_prompt_tokens >= 1, "data.max_prompt_tokens", self.max_prompt_tokens, "use a count >= 1")
-        _check("{prompt}" in self.prompt_template, "data.prompt_template", self.prompt_template,
+        try:
+            formatted = self.prompt_template.format(prompt=_TEMPLATE_PROBE)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(
+                f"data.prompt_template = {self.prompt_template!r} is invalid: only {{prompt}} is substituted, so "
+                f"write every other brace doubled ({{{{ and }}}}), e.g. '\\boxed{{{{}}}}' ({type(e).__name__}: {e})"
+            ) from None
+        _check(_TEMPLATE_PROBE in formatted, "data.prompt_template", self.prompt_template,
                "the template must contain {prompt}")
         if self.source == "files":
             _check(len(self.train_files) > 0, "data.train_files", self.train_files,
@@ -117,6 +142,7 @@ class RolloutConfig:
     """Behaviour log-probs for the ratio: recomputed by the trainer before the update, or the engine's own."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "rollout")
         _check(self.group_size >= 2, "rollout.group_size", self.group_size,
                "group-relative advantages need at least 2 completions per prompt; set it >= 2")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "use a count >= 1")
@@ -135,11 +161,23 @@ class RewardConfig:
     """Built-in name (exact_match, math) or a user function as package.module:function."""
     timeout_s: float = 5.0
     """Per-call limit; a verifier that runs longer gives reward 0 for that sample and is counted."""
+    step_timeout_s: float = 120.0
+    """Time budget of one scoring call (a step's samples on one rank, an evaluation, a guide cache): when it runs
+    out, the samples not scored yet get reward 0 and are counted (reward/verifier_skipped), so a hanging
+    verifier costs at most this per step instead of timeout_s per sample."""
+    clip_range: tuple[float, float] = (-10.0, 10.0)
+    """Rewards are clipped into [low, high] and the clipped ones counted (reward/clipped); a huge reward would
+    otherwise overflow the group advantages."""
     num_workers: int = 1
     """Worker processes for verifiers other than exact_match."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "reward")
         _check(self.timeout_s > 0, "reward.timeout_s", self.timeout_s, "use a positive number of seconds")
+        _check(self.step_timeout_s >= self.timeout_s, "reward.step_timeout_s", self.step_timeout_s,
+               f"use a budget of at least reward.timeout_s = {self.timeout_s} seconds")
+        _check(self.clip_range[0] < self.clip_range[1], "reward.clip_range", self.clip_range,
+               "give [low, high] with low < high, e.g. [-10, 10]")
         _check(self.num_workers >= 1, "reward.num_workers", self.num_workers, "use a count >= 1")
 
 
@@ -173,6 +211,7 @@ class AlgoConfig:
     """KL estimator per token: k1 = log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r (low variance)."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "algo")
         _check(self.adv_eps >= 0, "algo.adv_eps", self.adv_eps, "use a value >= 0")
         _check(0 <= self.clip_low < 1, "algo.clip_low", self.clip_low, "use a value in [0, 1)")
         _check(self.clip_high >= 0, "algo.clip_high", self.clip_high, "use a value >= 0")
@@ -202,6 +241,7 @@ class MixConfig:
     """C of guide_is = decoupled: the per-token weight pi_old / pi_guide is truncated at C."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "mix")
         _check(0.0 <= self.gate <= 1.0, "mix.gate", self.gate,
                "the gate is a group-accuracy threshold; use a value in [0, 1] (paper: 0.6)")
         _check(self.decoupled_cap >= 1.0, "mix.decoupled_cap", self.decoupled_cap,
@@ -231,6 +271,7 @@ class NPOConfig:
     """Sampling temperature of the guide when the cache is built."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "npo")
         _check(self.early_steps >= 1, "npo.early_steps", self.early_steps, "use a window of >= 1 steps")
         _check(self.late_start is None or self.late_start >= 0, "npo.late_start", self.late_start,
                "use null (off) or a step >= 0")
@@ -271,6 +312,7 @@ class AutoNPOConfig:
     """Steps after a probe that did not confirm before the next probe."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "autonpo")
         _check(len(self.distances) > 0 and all(d >= 1 for d in self.distances), "autonpo.distances",
                self.distances, "give a non-empty list of positive step counts, e.g. [10, 20, ..., 100]")
         _check(0 <= self.reward_ema < 1, "autonpo.reward_ema", self.reward_ema, "use a value in [0, 1)")
@@ -296,6 +338,9 @@ class OptimConfig:
     """AdamW moment coefficients."""
     eps: float = 1e-8
     """AdamW denominator epsilon."""
+    max_bad_steps: int = 3
+    """Stop the run (non-zero exit) after this many consecutive steps with a skipped update (non-finite loss or
+    gradient); a single bad step is skipped and logged as an event."""
     warmup_steps: int = 5
     """Linear warmup over this many optimizer steps (step s uses lr * (s + 1) / (warmup_steps + 1)), then
     constant."""
@@ -310,8 +355,11 @@ class OptimConfig:
     """Passes over the step's mini-batches (PPO epochs)."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "optim")
         _check(self.lr > 0, "optim.lr", self.lr, "use a positive learning rate, e.g. 1e-6 for billion-scale models")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use a value >= 0")
+        _check(self.eps > 0, "optim.eps", self.eps, "use a small positive value, e.g. 1e-8")
+        _check(self.max_bad_steps >= 1, "optim.max_bad_steps", self.max_bad_steps, "use a count >= 1")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
                "give two values in [0, 1), e.g. [0.9, 0.999]")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "use a count >= 0")
@@ -325,8 +373,9 @@ class OptimConfig:
 class CheckpointConfig:
     """Full-state checkpoints (resume, rollback) and Hugging Face exports."""
 
-    every: int = 0
-    """Save the full training state every k steps (0 = only at the end)."""
+    every: int = 50
+    """Save the full training state every k steps, after the last step, and when a stop signal arrives; 0 saves
+    none of these (NPO's rollback targets are still written, since its interventions need them)."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
     export_steps: tuple[int, ...] = ()
@@ -406,6 +455,8 @@ class TrainConfig:
     autonpo: AutoNPOConfig = field(default_factory=AutoNPOConfig)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # sections check their own floats first; this covers any others
+            _check_finite(getattr(self, f.name), f.name)
         if self.mix.mode == "autonpo":
             self._check_autonpo()
         if self.mix.mode != "npo":

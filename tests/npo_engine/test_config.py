@@ -1,6 +1,7 @@
 """Config files, overrides, validation messages, and the CLI."""
 
 import dataclasses
+import re
 import typing
 import subprocess
 import sys
@@ -114,3 +115,39 @@ def test_npo_checks_name_the_field_and_the_fix():
     with pytest.raises(ConfigError, match="choose one of 'exact', 'none', 'decoupled'"):
         load_config(None, ["mix.guide_is=luffy"])
     assert load_config(None, ["npo.late_start=90"]).mix.mode == "none"  # unused sections are not cross-checked
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=inf", "optim.lr = inf is invalid: use a finite number"),
+    ("rollout.temperature=.inf", "rollout.temperature = inf is invalid: use a finite number"),
+    ("reward.timeout_s=.inf", "reward.timeout_s = inf is invalid: use a finite number"),
+    ("optim.betas=[0.9, .nan]", "optim.betas = (0.9, nan) is invalid"),
+    ("optim.eps=-1", "optim.eps = -1.0 is invalid: use a small positive value"),
+    ("optim.max_bad_steps=0", "optim.max_bad_steps = 0 is invalid"),
+    ("reward.clip_range=[1, -1]", "reward.clip_range = (1.0, -1.0) is invalid: give [low, high] with low < high"),
+    ("reward.step_timeout_s=1", "reward.step_timeout_s = 1.0 is invalid: use a budget of at least"),
+    ("data.prompt_template=Q: {prompt} \\boxed{}", "only {prompt} is substituted, so write every other brace "
+                                                   "doubled"),
+    ("data.prompt_template={{prompt}}", "the template must contain {prompt}"),
+])
+def test_values_that_would_fail_later_are_refused_now(override, message):
+    """Each of these once passed the check and failed at the first step or evaluation (or wrote inf into the
+    weights); literal braces in a template are fine when doubled."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+    assert load_config(None, ["data.prompt_template=Q: {prompt} \\boxed{{}}"]).data.prompt_template.endswith("{{}}")
+
+
+def test_empty_or_scalar_yaml_sections(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rollout:\n  # temperature: 0.7\nrun:\n  steps: 3\n")
+    cfg = load_config(path)  # a section whose keys are all commented out keeps its defaults
+    assert cfg.rollout == TrainConfig().rollout and cfg.run.steps == 3
+    path.write_text("rollout: 5\n")
+    with pytest.raises(ConfigError, match="rollout in .* must be a mapping of its fields"):
+        load_config(path)
+
+
+def test_checkpoint_defaults_save_periodically_with_retention():
+    cfg = TrainConfig().checkpoint
+    assert cfg.every == 50 and cfg.keep_last == 2
