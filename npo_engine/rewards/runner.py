@@ -27,6 +27,14 @@ Where verifiers run:
 
 The timeout is per call and is measured by the parent from the previous answer of the same worker, so
 worker start-up and the time the parent spends elsewhere never count against a sample.
+
+Two bounds per `score()` call keep one bad verifier from stalling or derailing a step:
+- `step_timeout_s`, a time budget for the whole call: when it runs out, the workers still busy are killed
+  (replacements start at once), and every sample not scored yet gets 0.0 and is counted
+  (`reward/verifier_skipped`). A verifier that hangs on every sample then costs the budget, not
+  `timeout_s` times the number of samples.
+- `clip_range`: a finite reward outside [low, high] is clipped into it and counted (`reward/clipped`); a huge
+  reward (1e308) would overflow the group statistics of the advantages.
 """
 
 from __future__ import annotations
@@ -70,7 +78,8 @@ class RewardResult:
     rewards: list[float]
     """[B] one reward per completion; 0.0 where the verifier failed."""
     stats: dict[str, float]
-    """`reward/verifier_errors`, `reward/verifier_timeouts` (counts), `reward/verify_seconds` (wall time)."""
+    """`reward/verifier_errors`, `reward/verifier_timeouts`, `reward/verifier_skipped` (out of the step's time
+    budget), `reward/clipped` (counts), `reward/verify_seconds` (wall time)."""
 
 
 class RewardRunner:
@@ -81,16 +90,28 @@ class RewardRunner:
         timeout_s: wall-clock limit of ONE verifier call; a call that exceeds it scores 0.0.
         num_workers: worker processes for verifiers other than "exact_match"; a step's samples are split
             into this many contiguous shards scored in parallel.
+        step_timeout_s: time budget of one `score()` call (None: no budget); see the module docstring.
+        clip_range: (low, high) bounds of a reward (None: no clipping); see the module docstring.
 
     Use it as a context manager or call `close()`; workers are also stopped when the runner is garbage
     collected and at interpreter exit. Not thread-safe: call `score()` from one thread at a time.
     """
 
-    def __init__(self, verifier: str, *, timeout_s: float = 5.0, num_workers: int = 1) -> None:
+    def __init__(self, verifier: str, *, timeout_s: float = 5.0, num_workers: int = 1,
+                 step_timeout_s: float | None = None, clip_range: tuple[float, float] | None = None) -> None:
         if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
             raise ValueError(
                 f"reward timeout_s must be a finite number > 0 (seconds per call), got {timeout_s!r}"
             )
+        if step_timeout_s is not None and not (math.isfinite(step_timeout_s) and step_timeout_s > 0):
+            raise ValueError(f"reward step_timeout_s must be a finite number > 0 (seconds per call of score()), "
+                             f"got {step_timeout_s!r}")
+        if clip_range is not None and not (len(clip_range) == 2 and all(map(math.isfinite, clip_range))
+                                           and clip_range[0] < clip_range[1]):
+            raise ValueError(f"reward clip_range must be two finite numbers (low, high) with low < high, "
+                             f"got {clip_range!r}")
+        self.step_timeout_s = step_timeout_s
+        self.clip_range = None if clip_range is None else (float(clip_range[0]), float(clip_range[1]))
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"reward num_workers must be an int >= 1, got {num_workers!r}")
         self.verifier = verifier
@@ -130,26 +151,33 @@ class RewardRunner:
                 f"{len(completions)} completions, {len(answers)} answers"
             )
         start = time.perf_counter()
-        tally = _Tally(len(completions))
+        tally = _Tally(len(completions), self.clip_range)
         if self._fn is not None:
             for i, (p, c, a) in enumerate(zip(prompts, completions, answers)):
                 tally.record(i, *_call_verifier(self._fn, p, c, a), timed_out=False)
         elif completions:
-            self._score_in_workers(list(zip(prompts, completions, answers)), tally)
+            budget = self.step_timeout_s if self.step_timeout_s is not None else math.inf
+            self._score_in_workers(list(zip(prompts, completions, answers)), tally, time.monotonic() + budget)
         seconds = time.perf_counter() - start
-        if tally.errors or tally.timeouts:
+        if tally.errors or tally.timeouts or tally.skipped:
             logger.warning(
                 "reward verifier %r: %d of %d samples got reward 0.0 (%d errors, %d timeouts at "
-                "timeout_s=%g); first: %s. Fix the verifier%s.",
-                self.verifier, tally.errors + tally.timeouts, len(completions), tally.errors, tally.timeouts,
-                self.timeout_s, tally.first_failure,
-                ", or raise the reward timeout" if tally.timeouts else "",
+                "timeout_s=%g, %d not scored within step_timeout_s=%s); first: %s. Fix the verifier%s.",
+                self.verifier, tally.errors + tally.timeouts + tally.skipped, len(completions), tally.errors,
+                tally.timeouts, self.timeout_s, tally.skipped, self.step_timeout_s, tally.first_failure,
+                ", or raise the reward timeouts" if tally.timeouts or tally.skipped else "",
             )
+        if tally.clipped:
+            logger.warning("reward verifier %r: %d of %d rewards were outside clip_range %s and were clipped; "
+                           "first: %s", self.verifier, tally.clipped, len(completions), self.clip_range,
+                           tally.first_clipped)
         return RewardResult(
             rewards=tally.rewards,
             stats={
                 "reward/verifier_errors": float(tally.errors),
                 "reward/verifier_timeouts": float(tally.timeouts),
+                "reward/verifier_skipped": float(tally.skipped),
+                "reward/clipped": float(tally.clipped),
                 "reward/verify_seconds": seconds,
             },
         )
@@ -168,7 +196,7 @@ class RewardRunner:
 
     # --------------------------------------------------------------------------------------- workers
 
-    def _score_in_workers(self, samples: list[tuple[str, str, str]], tally: _Tally) -> None:
+    def _score_in_workers(self, samples: list[tuple[str, str, str]], tally: _Tally, budget_end: float) -> None:
         n = len(samples)
         n_shards = min(self.num_workers, n)
         bounds = [n * k // n_shards for k in range(n_shards + 1)]
@@ -181,8 +209,11 @@ class RewardRunner:
         pending = {slot: queue for slot, queue in pending.items() if queue}
 
         while pending:
+            if time.monotonic() >= budget_end:
+                self._skip_rest(samples, pending, tally)
+                return
             conns = {self._live(slot).conn: slot for slot in pending}
-            timeout = max(0.0, min(deadline[slot] for slot in pending) - time.monotonic())
+            timeout = max(0.0, min(budget_end, *(deadline[slot] for slot in pending)) - time.monotonic())
             ready_slots = {conns[c] for c in wait(list(conns), timeout=timeout)}  # type: ignore[index]
             now = time.monotonic()
             for slot in ready_slots:
@@ -204,6 +235,21 @@ class RewardRunner:
                     self._fail_first(slot, samples, pending[slot], tally, why=why, timed_out=True)
                     deadline[slot] = time.monotonic() + self.timeout_s
             pending = {slot: queue for slot, queue in pending.items() if queue}
+
+    def _skip_rest(self, samples: list[tuple[str, str, str]], pending: dict[int, deque[int]], tally: _Tally) -> None:
+        """The step's time budget is spent: the unanswered samples score 0.0 and are counted; the workers still
+        on them are replaced (a fresh one imports its verifier while the trainer goes on)."""
+        why = f"not scored: the call's time budget step_timeout_s={self.step_timeout_s:g} s ran out"
+        for slot, queue in pending.items():
+            for i in queue:
+                tally.skip(i, why)
+            queue.clear()
+            self._live(slot).kill()
+            self._workers[slot] = None
+            try:
+                self._workers[slot] = _Worker(self.verifier)
+            except OSError:
+                pass  # _send retries at the next step
 
     def _live(self, slot: int) -> _Worker:
         worker = self._workers[slot]
@@ -259,15 +305,30 @@ class RewardRunner:
 class _Tally:
     """Rewards and failure counts of one `score()` call."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, clip_range: tuple[float, float] | None = None) -> None:
         self.rewards = [0.0] * n
         self.errors = 0
         self.timeouts = 0
+        self.skipped = 0
+        self.clipped = 0
+        self.clip_range = clip_range
         self.first_failure: str | None = None
+        self.first_clipped: str | None = None
+
+    def skip(self, i: int, why: str) -> None:
+        self.rewards[i] = 0.0
+        self.skipped += 1
+        if self.first_failure is None:
+            self.first_failure = f"sample {i}: {why}"
 
     def record(self, i: int, reward: float, error: str | None, *, timed_out: bool) -> None:
         self.rewards[i] = reward
         if error is None:
+            if self.clip_range is not None and not self.clip_range[0] <= reward <= self.clip_range[1]:
+                self.rewards[i] = min(max(reward, self.clip_range[0]), self.clip_range[1])
+                self.clipped += 1
+                if self.first_clipped is None:
+                    self.first_clipped = f"sample {i}: {reward!r}"
             return
         self.rewards[i] = 0.0
         if timed_out:
@@ -384,10 +445,12 @@ def _stop_workers(workers: list[_Worker | None]) -> None:
     workers[:] = [None] * len(workers)
 
 
-# Ignore Ctrl-C before anything else: it reaches the whole process group, and the trainer handles it and
-# stops the workers itself.
+# Ignore Ctrl-C and SIGTERM before anything else: they reach the whole process group (a terminal, a cluster
+# scheduler stopping a job), and the trainer finishes its step and stops the workers itself; a worker killed
+# first would cost that step's samples their rewards. Workers still end with their trainer (see _Worker).
 _WORKER_CODE = (
-    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); import sys; "
+    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "import sys; "
     "from npo_engine.rewards.runner import _worker_main; "
     "_worker_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])"
 )

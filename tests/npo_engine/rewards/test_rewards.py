@@ -45,6 +45,10 @@ USER_SOURCE = textwrap.dedent(
             return "1.0"
         if completion == "none":
             return None
+        if completion == "huge":
+            return 1e308
+        if completion == "negative":
+            return -50.0
         return 1.0 if completion.strip() == answer.strip() else 0.0
 
     def pid(prompt, completion, answer):
@@ -278,3 +282,27 @@ def test_score_argument_checks(runner: RewardRunner) -> None:
         runner.score(["p", "p"], ["c"], ["a"])
     empty = runner.score([], [], [])
     assert empty.rewards == [] and empty.stats["reward/verifier_errors"] == 0.0
+
+
+def test_time_budget_bounds_a_verifier_that_hangs_on_every_sample(user_module: str) -> None:
+    """Without the per-call budget 19 hanging samples would cost 19 x timeout_s; the step's budget cuts it."""
+    budget = 2.5
+    with RewardRunner(f"{user_module}:check", timeout_s=TIMEOUT_S, step_timeout_s=budget) as r:
+        start = time.monotonic()
+        result = r.score(["p"] * 20, ["ok", *["sleep"] * 19], ["ok"] * 20)
+        elapsed = time.monotonic() - start
+        assert budget <= elapsed < budget + HANG_SLACK_S
+        assert result.rewards == [1.0] + [0.0] * 19
+        stats = result.stats
+        assert stats["reward/verifier_timeouts"] + stats["reward/verifier_skipped"] == 19
+        assert stats["reward/verifier_skipped"] >= 19 - budget / TIMEOUT_S - 1
+        assert r.score(["p"], ["ok"], ["ok"]).rewards == [1.0]  # the replaced worker scores the next call
+
+
+def test_rewards_outside_the_clip_range_are_clipped_and_counted(user_module: str) -> None:
+    with RewardRunner(f"{user_module}:check", timeout_s=TIMEOUT_S, clip_range=(-10.0, 10.0)) as r:
+        result = r.score(["p"] * 3, ["huge", "ok", "negative"], ["ok"] * 3)
+    assert result.rewards == [10.0, 1.0, -10.0]
+    assert result.stats["reward/clipped"] == 2.0 and result.stats["reward/verifier_errors"] == 0.0
+    with pytest.raises(ValueError, match="clip_range"):
+        RewardRunner("exact_match", clip_range=(1.0, -1.0))
