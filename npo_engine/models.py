@@ -57,12 +57,42 @@ def demo_model_config(vocab_size: int) -> Qwen2Config:
     )
 
 
+# What a local Hugging Face model directory must hold, as (what, any one of these files).
+_MODEL_DIR_PARTS = (
+    ("the model config", ("config.json",)),
+    ("the tokenizer", ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")),
+    ("the weights", ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")),
+)
+
+
+def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
+    """`path` if it is a local Hugging Face model directory (config, tokenizer, weights), else a `ConfigError`
+    naming what is missing; run before any loading, whose own errors talk about hub repo ids or sentencepiece."""
+    from npo_engine.config import ConfigError
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise ConfigError(f"{key} = '{path}' {what}; give a local Hugging Face model directory (config.json, "
+                          "tokenizer files, weights), or null for the built-in demo model")
+    missing = [f"{what} ({' or '.join(names)})" for what, names in _MODEL_DIR_PARTS
+               if not any((path / name).is_file() for name in names)]
+    if missing:
+        raise ConfigError(f"{key} = '{path}' is not a complete Hugging Face model directory; missing "
+                          f"{'; '.join(missing)}. Save the model and its tokenizer there with save_pretrained(), "
+                          "or point model.path at the directory that holds them")
+    return path
+
+
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Load a Hugging Face causal LM from a local directory (never from a hub)."""
+    check_model_dir(path)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
 
 
 def load_tokenizer(path: str | Path):
+    check_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # left padding needs some pad id; it is always masked

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from npo_engine.config import DataConfig
+from npo_engine.config import ConfigError, DataConfig
 from npo_engine.data.files import load_prompt_files
 from npo_engine.data.records import PromptRecord
 from npo_engine.data.synthetic import arithmetic_problems
@@ -33,6 +33,40 @@ def build_prompt_sets(cfg: DataConfig, seed: int) -> PromptSets:
         held_out = held_out[: cfg.eval_size] if cfg.eval_size else []
         skipped += eval_report.skipped
     return PromptSets(train=train, eval=held_out, skipped_rows=skipped)
+
+
+# Prompts named in the error when some are too long: enough to see the pattern.
+_MAX_REPORTED_PROMPTS = 3
+
+
+def prompt_token_lengths(tokenizer, cfg: DataConfig, prompts: list[str]) -> list[int]:
+    """Tokens of each prompt as the trainer encodes it (the template or the chat template, special tokens
+    included), tokenized as one batch."""
+    if cfg.apply_chat_template:
+        return [len(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                  tokenize=True)) for p in prompts]
+    texts = [cfg.prompt_template.format(prompt=p) for p in prompts]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+
+def check_prompt_lengths(sets: PromptSets, tokenizer, cfg: DataConfig, *, rank: int = 0,
+                         world_size: int = 1) -> None:
+    """Every training and evaluation prompt fits `data.max_prompt_tokens`, checked before the first step (not at
+    the step that first samples a long one); collective under torchrun, each rank checking a share.
+
+    Raises a `ConfigError` naming the longest offenders with their id and source (file and line)."""
+    from npo_engine.distributed import all_gather_objects
+
+    records = [*sets.train, *sets.eval][rank::world_size]
+    lengths = prompt_token_lengths(tokenizer, cfg, [r.prompt for r in records])
+    too_long = [(n, r.id, r.meta.get("source")) for n, r in zip(lengths, records) if n > cfg.max_prompt_tokens]
+    found = sorted((item for part in all_gather_objects(too_long) for item in part), key=lambda t: (-t[0], t[1]))
+    if found:
+        named = ", ".join(f"{pid!r} ({n} tokens{f', {src}' if src else ''})"
+                          for n, pid, src in found[:_MAX_REPORTED_PROMPTS])
+        raise ConfigError(
+            f"data.max_prompt_tokens = {cfg.max_prompt_tokens} is invalid for this data: {len(found)} prompt(s) "
+            f"are longer, e.g. {named}; raise the limit, or shorten or drop those prompts")
 
 
 class PromptSampler:
