@@ -1,13 +1,21 @@
 """The `npo` command: `npo train` (also `python -m npo_engine.train` and `torchrun ... -m npo_engine.train`)
-and `npo plot RUN_DIR`."""
+and `npo plot RUN_DIR`.
+
+Exit codes of `npo train`: 0 when the run completed; 2 for a config error; 1 for any other error the user fixes
+(a run directory in use or holding another run, a damaged checkpoint, a run stopped for non-finite steps), which
+is printed as one line without a traceback; 128 + N when signal N (SIGINT 130, SIGTERM 143) stopped the run after
+saving a checkpoint.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from npo_engine.config import ConfigError, describe_fields, dump_config, load_config
+from npo_engine.errors import UserError
 
 
 def _train_parser(prog: str = "npo train") -> argparse.ArgumentParser:
@@ -24,7 +32,11 @@ def _train_parser(prog: str = "npo train") -> argparse.ArgumentParser:
                         help="override config values, applied after --config, e.g. algo.clip_high=0.28")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest complete checkpoint of the run directory")
+                        help="continue the run in the run directory from its newest intact checkpoint; only "
+                        "run.steps, logging and checkpoint cadence (and a few more) may differ from its config")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in a run directory that holds one, moving the old run to "
+                        "<run-dir>.old-<timestamp> (nothing is deleted)")
     parser.add_argument("--run-dir", type=Path, help="run directory (default: run.runs_dir/run.name)")
     return parser
 
@@ -40,10 +52,24 @@ def train_main(argv: list[str] | None = None, prog: str = "npo train") -> int:
         print(dump_config(cfg), end="")
         return 0
     from npo_engine.distributed import shutdown_distributed
-    from npo_engine.trainer import Trainer
+    from npo_engine.stopping import TrainingStopped
 
-    trainer = Trainer(cfg, run_dir=args.run_dir, resume=args.resume)
-    trainer.train()
+    try:
+        from npo_engine.trainer import Trainer
+
+        trainer = Trainer(cfg, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite)
+        trainer.train()
+    except TrainingStopped as e:  # every rank stopped after the same step: say it once
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: {e}", file=sys.stderr)
+        shutdown_distributed()
+        return 128 + e.signum
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:  # Ctrl-C before the loop started (loading, building the demo model)
+        print(f"{prog}: interrupted before training started; nothing to save", file=sys.stderr)
+        return 130
     shutdown_distributed()
     return 0
 

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from npo_engine import algo
-from npo_engine.checkpoint import CheckpointManager
-from npo_engine.config import TrainConfig, config_to_dict, dump_config
+from npo_engine.checkpoint import CheckpointError, CheckpointManager, NoCheckpointError, nonfinite_weights
+from npo_engine.config import ConfigError, TrainConfig, config_to_dict
 from npo_engine.data.records import PromptRecord
-from npo_engine.data.sampler import PromptSampler, build_prompt_sets
+from npo_engine.data.sampler import PromptSampler, build_prompt_sets, check_prompt_lengths
 from npo_engine.data.samples import GUIDE, ON_POLICY, Groups, Sample
 from npo_engine.distributed import (
     all_gather_objects,
@@ -50,6 +50,8 @@ from npo_engine.models import LogprobModel, ensure_demo_model, load_causal_lm, l
 from npo_engine.rewards import RewardRunner
 from npo_engine.rollout.base import RolloutEngine, SamplingParams
 from npo_engine.rollout.factory import make_engine
+from npo_engine.run_dir import open_run_dir
+from npo_engine.stopping import GracefulStop, TrainingDiverged, TrainingStopped, signal_name
 from npo_engine.sync import push_weights
 from npo_engine.train_state import TrainState
 
@@ -81,21 +83,31 @@ class Trainer:
     """GRPO-family RL training of a causal LM with verifiable rewards, with guide mixing (see the module
     docstring). Implements `npo_engine.guides.GuideHost`, the seam through which interventions act on it."""
 
-    def __init__(self, cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool = False,
+                 overwrite: bool = False):
+        """`run_dir` defaults to run.runs_dir/run.name; it must be empty for a new run (`overwrite` moves an old
+        run aside), or hold the run to continue with `resume` (see `npo_engine.run_dir`)."""
+        try:
+            self._init(cfg, run_dir, resume=resume, overwrite=overwrite)
+        except BaseException:
+            if getattr(self, "_run", None) is not None:
+                self._run.release()  # a failed start leaves the run directory to the next attempt
+            raise
+
+    def _init(self, cfg: TrainConfig, run_dir: str | Path | None, *, resume: bool, overwrite: bool) -> None:
         self.cfg = cfg
         self.dist = init_distributed()
         self.device = self.dist.device
         if self.device.type == "cpu" and cfg.run.cpu_threads:
             torch.set_num_threads(cfg.run.cpu_threads)
         if cfg.data.prompts_per_step % self.dist.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.prompts_per_step = {cfg.data.prompts_per_step} must be a multiple of the number of ranks "
                 f"({self.dist.world_size}) so every rank gets whole groups; change one of them"
             )
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.run.runs_dir) / cfg.run.name
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        # Own the run directory (lock), and apply the rules of a new run, --resume and --overwrite before any work.
+        self._run = open_run_dir(self.run_dir, cfg, resume=resume, overwrite=overwrite, is_main=self.dist.is_main)
         torch.manual_seed(cfg.run.seed)
 
         # Model, tokenizer and the colocated policy engine (its own full copy of the weights).
@@ -120,25 +132,36 @@ class Trainer:
 
         # Prompts, verifier, guide mixing.
         prompt_sets = build_prompt_sets(cfg.data, cfg.run.seed)
+        check_prompt_lengths(prompt_sets, self.tokenizer, cfg.data, rank=self.dist.rank,
+                             world_size=self.dist.world_size)  # now, not at the step that first samples one
         self.sampler = PromptSampler(prompt_sets.train, cfg.data.prompts_per_step, seed=cfg.run.seed,
                                      shuffle=cfg.data.shuffle)
         self.eval_records = prompt_sets.eval
         self.rewards = RewardRunner(cfg.reward.verifier, timeout_s=cfg.reward.timeout_s,
-                                    num_workers=cfg.reward.num_workers)
+                                    num_workers=cfg.reward.num_workers, step_timeout_s=cfg.reward.step_timeout_s,
+                                    clip_range=cfg.reward.clip_range)
         self.mixer = make_mixer(cfg)
 
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                              rank=self.dist.rank, world_size=self.dist.world_size)
+        self.checkpoints.clear_stale()  # an interrupted save's leftovers would only take disk space
         self.state = TrainState()
-        if resume:
-            self._resume()
+        self._bad_steps = 0  # consecutive steps with a skipped update (optim.max_bad_steps)
+        startup_events = self._resume() if resume else []
         self.metrics = MetricsLogger(self.run_dir, total_steps=cfg.run.steps, is_main=self.dist.is_main,
                                      tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                                      start_step=self.state.total_steps + 1)  # rows are numbered from 1
+        if self._run.moved_to is not None:
+            startup_events.append(("old_run_moved", {"to": str(self._run.moved_to)}))
+        if self._run.config_changes:
+            startup_events.append(("config_changed", {"fields": self._run.config_changes}))
+        for kind, fields in startup_events:
+            self.event(kind, **fields)
         if prompt_sets.skipped_rows:
             self.metrics.event("data_rows_skipped", count=prompt_sets.skipped_rows)
         self.mixer.check(self)  # e.g. the guide caches a resumed replay needs: present and of this run
         self._sync_engine()
+        self._run.write_config(cfg)  # the run has started (or resumed): config.yaml describes it from now on
 
     @property
     def step_index(self) -> int:
@@ -148,19 +171,38 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- the loop
 
     def train(self) -> None:
-        """Run until `run.steps`; evaluate, checkpoint and export as configured."""
+        """Run until `run.steps`; evaluate, checkpoint and export as configured.
+
+        SIGINT or SIGTERM stops the run after the current step, on every rank, with a checkpoint, and raises
+        `TrainingStopped`; a second signal exits at once (see `npo_engine.stopping`)."""
         try:
-            while True:
-                self.mixer.before_step(self)  # an intervention may roll back from the last step, so ask first
-                if self.state.step >= self.cfg.run.steps:
-                    break
-                self.step()
-            if self.cfg.checkpoint.every == 0 or self.state.step % self.cfg.checkpoint.every:
-                self.save_checkpoint()
-            if self.cfg.checkpoint.export_final:
-                self.export(self.state.step)
+            with GracefulStop(on_exit_now=self._run.release) as stop:
+                while True:
+                    self.mixer.before_step(self)  # an intervention may roll back from the last step, so ask first
+                    if self.state.step >= self.cfg.run.steps:
+                        break
+                    self.step()
+                    if self.state.step < self.cfg.run.steps and (signum := stop.agreed()) is not None:
+                        self._stop(signum)
+                every = self.cfg.checkpoint.every
+                if every and self.state.step % every:
+                    self.save_checkpoint()
+                if self.cfg.checkpoint.export_final:
+                    self.export(self.state.step)
         finally:
             self.close()
+
+    def _stop(self, signum: int) -> None:
+        """The run was asked to stop: save the current step (unless checkpoint.every = 0), then raise."""
+        step, saved = self.state.step, None
+        if self.cfg.checkpoint.every:
+            done = (step, self.checkpoints.path_for(step)) in self.checkpoints.list()
+            saved = self.checkpoints.path_for(step) if done else self.save_checkpoint()
+        self.event("stopped", signal=signal_name(signum), checkpoint=str(saved) if saved else None)
+        where = (f"checkpoint {saved}; continue with --resume --run-dir {self.run_dir}" if saved
+                 else "no checkpoint (checkpoint.every = 0)")
+        raise TrainingStopped(f"stopped by {signal_name(signum)} after step {step} of {self.cfg.run.steps}; {where}",
+                              signum, str(saved) if saved else None)
 
     def step(self) -> dict[str, float]:
         """One optimizer step on one batch of prompts; returns the metrics it logged."""
@@ -199,6 +241,7 @@ class Trainer:
         metrics["discarded"] = float(discarded)
         self.mixer.after_step(self, metrics)                                 # signals for a controller
         self.metrics.log(self.state.step, metrics)
+        self._count_bad_step(metrics["optim/skipped"] > 0)
         if cfg.checkpoint.every and self.state.step % cfg.checkpoint.every == 0:
             self.save_checkpoint()
         if self.state.step in cfg.checkpoint.export_steps and not discarded:
@@ -332,6 +375,7 @@ class Trainer:
         finite = bool(all_reduce_sum(finite.float().reshape(1)).item() == self.dist.world_size)
         if finite:
             self.optimizer.step()
+            self._check_weights(f"the optimizer update of step {self.state.step + 1}")
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.metrics.event("nonfinite_step_skipped", step=self.state.step + 1,
@@ -404,6 +448,9 @@ class Trainer:
                                     f"{[s for s, _ in self.checkpoints.list()] or 'none'}")
         extra = self.checkpoints.load(path, self.policy, self.optimizer, scheduler=self.scheduler,
                                       seed=self.cfg.run.seed)
+        if bad := nonfinite_weights(self.policy):
+            raise CheckpointError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])}); it was saved "
+                                  "from a diverged run or damaged in a way its hashes cannot see")
         restored = TrainState.from_json(extra.get("train_state", extra))
         if rollback:
             live = self.state
@@ -438,20 +485,58 @@ class Trainer:
         self.metrics.event(kind, step=self.state.step, **fields)
 
     def close(self) -> None:
+        """Stop the reward workers, flush the logs and give up the run directory; idempotent."""
         self.rewards.close()
         self.metrics.close()
+        self._run.release()
 
-    def _resume(self) -> None:
-        latest = self.checkpoints.latest()
-        if latest is None:
-            raise FileNotFoundError(
-                f"--resume: no complete checkpoint under {self.checkpoints.root}; "
-                "start without --resume or point --run-dir at the run to continue"
+    def _resume(self) -> list[tuple[str, dict[str, Any]]]:
+        """Restore the newest checkpoint that verifies; damaged newer ones are set aside (`step_X.damaged`) and
+        reported. Returns the events to log once the logger exists."""
+        events: list[tuple[str, dict[str, Any]]] = []
+        for step, path in reversed(self.checkpoints.list()):
+            try:
+                self.restore(step)
+                break
+            except CheckpointError as e:
+                aside = self.checkpoints.set_aside(path)
+                events.append(("checkpoint_damaged", {"checkpoint": path.name, "set_aside_as": aside.name,
+                                                      "error": str(e)}))
+        else:
+            damaged = f" ({len(events)} damaged, set aside as step_*.damaged)" if events else ""
+            raise NoCheckpointError(
+                f"--resume: no complete checkpoint under {self.checkpoints.root}{damaged}; start without "
+                "--resume (with --overwrite to move this run aside) or point --run-dir at the run to continue"
             )
-        self.restore(self.checkpoints.list()[-1][0])
+        if events:
+            events.append(("resumed_from_older_checkpoint", {"checkpoint": path.name}))
         for iv in self.state.interventions:  # rollback targets stay exempt from retention
             if iv["phase"] in ("ahead", "replay"):
                 self.checkpoints.pin(iv["start"])
+        return events
+
+    def _count_bad_step(self, bad: bool) -> None:
+        """Stop the run once `optim.max_bad_steps` consecutive steps skipped an update (non-finite loss or
+        gradient): a run that keeps skipping learns nothing, and must not end as if it had succeeded."""
+        self._bad_steps = self._bad_steps + 1 if bad else 0
+        limit = self.cfg.optim.max_bad_steps
+        if self._bad_steps >= limit:
+            last = self.state.step
+            self.event("training_diverged", bad_steps=self._bad_steps)
+            raise TrainingDiverged(
+                f"steps {last - limit + 1}-{last} all skipped updates with a non-finite loss or gradient "
+                f"(optim.max_bad_steps = {limit}; see events.jsonl); check the rewards (reward/clipped) and the "
+                "data, lower optim.lr, then --resume from the last checkpoint")
+
+    def _check_weights(self, after: str) -> None:
+        """The weights must be finite after every update. An exact undo would need a copy of the weights and the
+        optimizer state at each update, so damaged weights stop the run at once: before they reach the
+        rollout engine or a checkpoint."""
+        if bad := nonfinite_weights(self.policy):
+            raise TrainingDiverged(
+                f"the weights hold NaN or infinity after {after} ({len(bad)} tensors, e.g. {bad[0]}) although the "
+                "loss and gradient were finite; nothing was saved from them. Lower optim.lr (or raise optim.eps), "
+                "then --resume from the last checkpoint")
 
     # --------------------------------------------------------------------------- what the guide code uses
 
@@ -577,13 +662,16 @@ class Trainer:
             torch.tensor(len(rewards)), (per_group == 0).sum(), (per_group == 1).sum(), torch.tensor(len(per_group)),
             torch.tensor(groups.stats.get("reward/verifier_errors", 0.0)),
             torch.tensor(groups.stats.get("reward/verifier_timeouts", 0.0)),
+            torch.tensor(groups.stats.get("reward/verifier_skipped", 0.0)),
+            torch.tensor(groups.stats.get("reward/clipped", 0.0)),
         ]).double()
         s = all_reduce_sum(local).tolist()
         count, group_count = max(s[4], 1.0), max(s[7], 1.0)
         return {"reward/mean": s[0] / count, "acc/train": s[1] / count, "rollout/length_mean": s[2] / count,
                 "rollout/truncated_frac": s[3] / count, "rollout/tokens": s[2],
                 "groups/all_wrong_frac": s[5] / group_count, "groups/all_right_frac": s[6] / group_count,
-                "reward/verifier_errors": s[8], "reward/verifier_timeouts": s[9]}
+                "reward/verifier_errors": s[8], "reward/verifier_timeouts": s[9],
+                "reward/verifier_skipped": s[10], "reward/clipped": s[11]}
 
     def _dump_rollouts(self, groups: Groups, batch: TrainBatch) -> None:
         """Append every trained sample of the step to rollouts/step_XXXXXX.jsonl (rank 0 gathers)."""

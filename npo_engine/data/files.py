@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 from npo_engine.data.records import PromptRecord
+from npo_engine.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ _SKIP_HINT = "or set data.on_error='skip' to skip malformed rows"
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A prompt file (or one of its rows) cannot be turned into records.
 
     `path` is the file; `location` is `"line 12"`, `"item 3"` or `"row 7"` for a row error, else None.
