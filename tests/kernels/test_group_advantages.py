@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npo_kernels.advantages.op import group_advantages
+from npo_kernels.advantages.op import group_advantages as _group_advantages
 from npo_kernels.advantages.reference import ADVANTAGE_MODES
 from npo_kernels.testing import assert_close, assert_within, group_advantage_budget
 
@@ -35,6 +35,16 @@ gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 MODES = list(ADVANTAGE_MODES)
 STATS = ["all", "on_policy"]
 BACKENDS = ["torch", "triton"]
+
+
+def group_advantages(rewards, group_ids, *, backend="auto", policy_id=None, **kwargs):
+    """The op as these tests call it: CPU tensors in and out; backend="triton" runs on CUDA copies when there
+    is a GPU (CPU tensors reach the kernel only under the interpreter)."""
+    if backend == "triton" and HAS_CUDA:
+        policy_id = None if policy_id is None else policy_id.cuda()
+        return _group_advantages(rewards.cuda(), group_ids.cuda(), backend=backend, policy_id=policy_id,
+                                 **kwargs).cpu()
+    return _group_advantages(rewards, group_ids, backend=backend, policy_id=policy_id, **kwargs)
 
 
 # ---- Independent float64 formulas: a dict of groups and a loop per sample ----------------------------------

@@ -189,11 +189,17 @@ def make_inputs(num_rows=4, seq_len=37, *, adv_per_token=False, dtype=torch.floa
 
 
 def run(backend, logp, behavior_logp, advantages, mask, **kwargs):
-    """Loss, metrics and dlogp of one call."""
+    """Loss, metrics and dlogp of one call, on the inputs' device; backend="triton" runs on CUDA copies when
+    there is a GPU (CPU tensors reach the kernels only under the interpreter), results moved back."""
+    device = logp.device
+    if backend == "triton" and HAS_CUDA:
+        logp, behavior_logp, advantages, mask = (t.cuda() for t in (logp, behavior_logp, advantages, mask))
+        if kwargs.get("policy_id") is not None:
+            kwargs = {**kwargs, "policy_id": kwargs["policy_id"].cuda()}
     logp = logp.detach().clone().requires_grad_(True)
     loss, metrics = policy_loss(logp, behavior_logp, advantages, mask, backend=backend, **kwargs)
     loss.backward()
-    return loss, metrics, logp.grad
+    return loss.to(device), {k: v.to(device) for k, v in metrics.items()}, logp.grad.to(device)
 
 
 # ---- Reference against the float64 loops -------------------------------------------------------------------
@@ -385,6 +391,8 @@ def test_metrics_are_detached_fp32_scalars():
 def test_triton_op_compiles_with_torch_compile():
     """The custom op traces under torch.compile (fullgraph) and gives the eager result and gradient."""
     logp, blogp, adv, mask, pid = make_inputs(num_rows=2, seq_len=9)
+    if HAS_CUDA:   # CPU tensors reach the kernels only under the interpreter
+        logp, blogp, adv, mask, pid = (t.cuda() for t in (logp, blogp, adv, mask, pid))
 
     def loss_fn(lp):
         return policy_loss(lp, blogp, adv, mask, policy_id=pid, guide_transform="exgrpo", backend="triton")[0]
@@ -393,7 +401,8 @@ def test_triton_op_compiles_with_torch_compile():
     compiled_logp = logp.clone().requires_grad_(True)
     loss = compiled(compiled_logp)
     loss.backward()
-    truth, budget = truth_and_budget(logp, blogp, adv, mask, policy_id=pid, guide_transform="exgrpo")
+    truth, budget = truth_and_budget(*(t.cpu() for t in (logp, blogp, adv, mask)), policy_id=pid.cpu(),
+                                     guide_transform="exgrpo")
     assert_within("loss", truth["loss"], loss, budget["loss"])
     assert_within("dlogp", truth["dlogp"], compiled_logp.grad, budget["dlogp"])
 

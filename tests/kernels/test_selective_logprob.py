@@ -112,17 +112,17 @@ def grads_of(fn, logits, targets, g_logp, g_entropy, **kw):
     return logp.detach(), entropy.detach(), x.grad
 
 
-def check_invariants(name: str, logp, entropy, dlogits, targets, entropy_floor=0.0) -> None:
-    """fp32 outputs, finite, logp ≤ 0, entropy ≥ 0, exact zeros on ignored rows.
+def check_invariants(name: str, logp, entropy, dlogits, targets) -> None:
+    """fp32 outputs, finite, logp ≤ 0, entropy ≥ 0 (exactly), exact zeros on ignored rows.
 
-    entropy ≥ 0 holds exactly on CPU: every form sums non-negative terms (−p·lp with lp = (z − m) − log S ≤ 0,
-    since S ≥ 1 holds the max's exp(0) = 1; or log S − Σp(z − m)). On GPU an approximate log2 of S ≥ 1 may
-    dip below 0 by its error, so the GPU test passes the budget as `entropy_floor`.
+    The chunked path meets the signs by construction: every form sums terms of one sign (−p·lp with
+    lp = (z − m) − log S ≤ 0, since S ≥ 1 holds the max's exp(0) = 1; or log S − Σp(z − m)). The Triton
+    kernel clamps both, since compiled for a GPU its fused multiply-adds can miss them by a rounding.
     """
     assert logp.dtype == torch.float32 and entropy.dtype == torch.float32, f"{name}: outputs must be fp32"
     assert torch.isfinite(logp).all() and torch.isfinite(entropy).all(), f"{name}: non-finite output"
     assert (logp <= 0).all(), f"{name}: positive logp {logp.max().item()}"
-    assert (entropy >= -entropy_floor).all(), f"{name}: negative entropy {entropy.min().item()}"
+    assert (entropy >= 0).all(), f"{name}: negative entropy {entropy.min().item()}"
     ignored = targets < 0
     assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all(), f"{name}: ignored rows must give 0"
     if dlogits is not None:
@@ -275,7 +275,8 @@ def test_neg_inf_logits(impl):
     out = grads_of(lambda *a, **k: run_impl(impl, *a, **k), logits, targets, g, g)
     assert_all_within(impl, truth, budget, out)
     assert (out[2][mask] == 0).all(), "masked (-inf) columns must get zero gradient"
-    assert out[0][0] == 0 and out[1][0] == 0
+    if not HAS_CUDA:   # exact on CPU; on GPU within the budget (a fused multiply-add leaves ±1 rounding)
+        assert out[0][0] == 0 and out[1][0] == 0
     check_invariants(impl, *out, targets)
 
 
@@ -391,8 +392,9 @@ def test_traceable_by_torch_compile():
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_gpu_bf16_error_budget(compiled):
     """bf16 logits at the real vocabulary against the float64 truth of the same bf16 values: fp32 math on
-    exact inputs (the fp32 budget), and a bf16 gradient (store = bf16, u = 2^-8)."""
-    num_rows, n_cols = 4096, 151936
+    exact inputs (the fp32 budget), and a bf16 gradient (store = bf16, u = 2^-8). 2048 rows: the truth and
+    the budget hold a dozen float64 [N, V] tensors (2.5 GB each)."""
+    num_rows, n_cols = 2048, 151936
     logits, targets = make_case(num_rows, n_cols, scale=4.0, dtype=torch.bfloat16, device="cuda")
     g = torch.randn(num_rows, device="cuda")
     fn = torch.compile(selective_logprob, fullgraph=True) if compiled else selective_logprob
@@ -400,7 +402,7 @@ def test_gpu_bf16_error_budget(compiled):
     truth, budget = truth_and_budget(logits, targets, g, g, temperature=0.7,
                                      store=torch.bfloat16)
     assert_all_within("gpu", truth, budget, out)
-    check_invariants("gpu", *out, targets, entropy_floor=budget[1].to(out[1].device))
+    check_invariants("gpu", *out, targets)
 
 
 @pytest.mark.gpu

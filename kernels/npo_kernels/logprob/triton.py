@@ -81,13 +81,16 @@ def _selective_logprob_fwd_kernel(
     log2_sum = tl.log2(sum_e)
     z2_target = tl.load(row_ptr + safe_target).to(tl.float32) * SCALE2
     # logp = (z_y - m) - log sum_e: the difference is taken before the (possibly large) max is added back,
-    # so a peaked row keeps its tiny logp instead of ulp(|z|) noise.
-    logp = (z2_target - m_safe - log2_sum) * _LN2
+    # so a peaked row keeps its tiny logp instead of ulp(|z|) noise. logp ≤ 0 and H ≥ 0 are then enforced:
+    # compiled for a GPU, z·SCALE2 - m contracts into a fused multiply-add, which leaves the max's own shifted
+    # logit at ±1 rounding instead of 0, enough to put a near-certain row at logp = +4e-9 or H = -2e-8
+    # (inside the error budget, outside the invariants; the interpreter rounds the product first).
+    logp = tl.minimum((z2_target - m_safe - log2_sum) * _LN2, 0.0)
     tl.store(LOGP + row, tl.where(valid, logp, 0.0))
     tl.store(LSE + row, (m_safe + log2_sum) * _LN2)
     if RETURN_ENTROPY:
         # H = lse - Σp·z = log sum_e - s/sum_e, again without adding the max back.
-        entropy = (log2_sum - s / sum_e) * _LN2
+        entropy = tl.maximum((log2_sum - s / sum_e) * _LN2, 0.0)
         tl.store(ENTROPY + row, tl.where(valid, entropy, 0.0))
         tl.store(MU + row, (m_safe + s / sum_e) * _LN2)
 
