@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from npo_kernels import MAX_LOG_RATIO
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def q_hat(passed: list[float], steps: list[int], now: int, distance: int) -> flo
 def k3_per_token(logp_now: torch.Tensor, logp_then: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(π_then ‖ π_now) on tokens sampled from π_then: r − 1 − log r with
     r = π_now / π_then (non-negative, unbiased, low variance). Both [T] log-probs of the same tokens."""
-    log_r = (logp_now - logp_then).double().clamp(-20.0, 20.0)
+    log_r = (logp_now - logp_then).double().clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     return torch.exp(log_r) - 1.0 - log_r
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-
-# Same clamp as the policy loss: exp() of a log-ratio beyond ±20 is meaningless and overflows in bf16.
-_MAX_LOG_RATIO = 20.0
+from npo_kernels import MAX_LOG_RATIO as _MAX_LOG_RATIO  # the policy loss's clamp: exp() beyond ±20 overflows
 
 
 def _k1(log_ratio: torch.Tensor) -> torch.Tensor:
