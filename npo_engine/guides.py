@@ -467,10 +467,7 @@ class AutoNPOMixing(GuideSlots):
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
-        a = cfg.autonpo
-        self.params = autonpo.ControllerParams(ema=a.reward_ema, window=a.window, min_gain=a.min_gain,
-                                               entropy_drop=a.entropy_drop, t_min=a.t_min, cooldown=a.cooldown,
-                                               probe_pass=a.probe_pass, probe_retry=a.probe_retry)
+        self.params = autonpo.ControllerParams.from_config(cfg.autonpo)
         self._decision_metrics: dict[str, float] = {}
 
     # ---- signals

@@ -19,19 +19,26 @@ from typing import Any
 import torch
 from npo_kernels import MAX_LOG_RATIO
 
+from npo_engine.config import AutoNPOConfig
+
 
 @dataclass(frozen=True)
 class ControllerParams:
-    """The trigger's knobs (project defaults of npo_method.md §15, items 12-14)."""
+    """The trigger's knobs; their defaults and meanings live once, in `AutoNPOConfig`."""
 
-    ema: float = 0.9
-    window: int = 20
-    min_gain: float = 0.005
-    entropy_drop: float = 0.05
-    t_min: int = 40
-    cooldown: int = 40
-    probe_pass: float = 0.25
-    probe_retry: int = 10
+    ema: float
+    window: int
+    min_gain: float
+    entropy_drop: float
+    t_min: int
+    cooldown: int
+    probe_pass: float
+    probe_retry: int
+
+    @classmethod
+    def from_config(cls, cfg: AutoNPOConfig) -> ControllerParams:
+        return cls(ema=cfg.reward_ema, window=cfg.window, min_gain=cfg.min_gain, entropy_drop=cfg.entropy_drop,
+                   t_min=cfg.t_min, cooldown=cfg.cooldown, probe_pass=cfg.probe_pass, probe_retry=cfg.probe_retry)
 
 
 @dataclass

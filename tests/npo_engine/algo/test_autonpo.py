@@ -6,9 +6,14 @@ import pytest
 import torch
 
 from npo_engine.algo import autonpo
+from npo_engine.config import AutoNPOConfig
 
-P = autonpo.ControllerParams(ema=0.0, window=4, min_gain=0.005, entropy_drop=0.05, t_min=10, cooldown=10,
-                             probe_retry=5)
+
+def _params(**overrides) -> autonpo.ControllerParams:
+    return autonpo.ControllerParams.from_config(AutoNPOConfig(**overrides))
+
+
+P = _params(reward_ema=0.0, window=4, min_gain=0.005, entropy_drop=0.05, t_min=10, cooldown=10, probe_retry=5)
 
 
 def _feed(rewards, entropies, params=P):
@@ -19,10 +24,10 @@ def _feed(rewards, entropies, params=P):
 
 
 def test_ema_and_history():
-    state = _feed([0.0, 1.0], [2.0, 1.0], autonpo.ControllerParams(ema=0.9, window=1))
+    state = _feed([0.0, 1.0], [2.0, 1.0], _params(reward_ema=0.9, window=1))
     assert state.reward_ema == pytest.approx(0.1) and state.entropy_ema == pytest.approx(1.9)
     assert state.reward_history == pytest.approx([0.0, 0.1])
-    state = autonpo.observe(state, autonpo.ControllerParams(ema=0.9, window=1), 1.0, 1.0)
+    state = autonpo.observe(state, _params(reward_ema=0.9, window=1), 1.0, 1.0)
     assert len(state.reward_history) == 2  # window + 1
 
 
