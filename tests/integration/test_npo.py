@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this file
 from trainer_helpers import HERE, tiny_config  # noqa: E402
+from trainer_helpers import rows as _rows, train as _train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("tests_on_path")
 
@@ -18,26 +19,7 @@ NPO = ["mix.mode=npo", "npo.early_steps=2", "npo.late_start=3", "npo.late_steps=
        "run.steps=6", "logging.dump_rollouts=true"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo_cache")
 
-
-@pytest.fixture
-def tests_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(HERE))
-
-
-def _rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
-    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
-
-
-def _train(cfg, run_dir, resume=False):
-    from npo_engine import Trainer
-
-    trainer = Trainer(cfg, run_dir=run_dir, resume=resume)
-    trainer.train()
-    return trainer
 
 
 def test_early_and_late_interventions(tmp_path, cache_dir):

@@ -35,23 +35,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this file
 from trainer_helpers import HERE, tiny_config  # noqa: E402
+from trainer_helpers import rows as _rows, train as _run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("tests_on_path")
 REPO_ROOT = HERE.parents[1]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo_cache")
-
-
-@pytest.fixture
-def tests_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(HERE))  # reward workers import verifiers from here (PYTHONPATH)
-
-
-def _rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
-    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
 
 
 def _checkpoints(run_dir: Path) -> list[int]:
@@ -59,13 +48,6 @@ def _checkpoints(run_dir: Path) -> list[int]:
 
     return [step for step, _ in CheckpointManager(run_dir / "checkpoints").list()]
 
-
-def _run(cfg, run_dir, **kwargs):
-    from npo_engine import Trainer
-
-    trainer = Trainer(cfg, run_dir=run_dir, **kwargs)
-    trainer.train()
-    return trainer
 
 
 def _env() -> dict[str, str]:

@@ -18,16 +18,6 @@ pytestmark = pytest.mark.usefixtures("tests_on_path")
 _COMPARED = ["loss/pg", "reward/mean", "entropy/mean", "optim/grad_norm", "pg/ppo_kl", "mismatch/logp_abs"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo_cache")
-
-
-@pytest.fixture
-def tests_on_path(monkeypatch):
-    # The reward workers import `trainer_helpers:digit_reward`; they inherit sys.path through PYTHONPATH.
-    monkeypatch.syspath_prepend(str(HERE))
-
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,5 +1,6 @@
 """Shared pieces of the trainer tests: a tiny run config and a dense reward for the random demo model."""
 
+import json
 from pathlib import Path
 
 from npo_engine.config import load_config
@@ -23,3 +24,17 @@ def tiny_config(cache_dir: Path, *overrides: str):
         "reward.verifier=trainer_helpers:digit_reward", "optim.lr=1e-3", "optim.micro_batch_size=8",
         "logging.progress=false", "logging.eval_every=2", *overrides,
     ])
+
+
+def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    """Every line of a run's JSONL file (metrics by default), strictly parsed."""
+    return [json.loads(line) for line in (Path(run_dir) / name).read_text().splitlines()]
+
+
+def train(cfg, run_dir, **kwargs):
+    """A Trainer on `run_dir`, trained to the end; returned for inspection."""
+    from npo_engine import Trainer
+
+    trainer = Trainer(cfg, run_dir=run_dir, **kwargs)
+    trainer.train()
+    return trainer
