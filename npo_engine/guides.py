@@ -401,7 +401,7 @@ class GuideSlots:
                 sample.reward = reward
 
         self._gated(groups, p_hat, host)
-        gated = p_hat <= self.cfg.mix.gate + 1e-9
+        gated = algo.passes_gate(p_hat, groups.group_size, self.cfg.mix.gate)
         local = torch.tensor([
             float(inject.sum()), float(gated.sum()), float((gated & has_entry).sum()), float(has_entry.sum()),
             float(len(per_group)), sum(s.reward for s in replaced), float((p_hat == 0).sum()),
@@ -485,7 +485,7 @@ class AutoNPOMixing(GuideSlots):
             return
         step, new = host.state.step, []
         for g, group in enumerate(groups.groups()):
-            if p_hat[g] > self.cfg.mix.gate + 1e-9:
+            if not algo.passes_gate(p_hat[g], groups.group_size, self.cfg.mix.gate):
                 continue
             failing = next((s for s in group if s.reward < SUCCESS_REWARD and s.policy_id == 0), None)
             if failing is None:

@@ -34,10 +34,14 @@ def gate_groups(correct: torch.Tensor, has_entry: torch.Tensor, gate: float) -> 
     if has_entry.shape != correct.shape[:1]:
         raise ValueError(f"has_entry must be [G] = [{correct.shape[0]}], got shape {tuple(has_entry.shape)}")
     n = correct.shape[1]
-    hits = correct.to(torch.float64).sum(1)
-    p_hat = hits / n
-    inject = (hits <= gate * n + _GATE_SLACK) & has_entry.to(torch.bool)
+    p_hat = correct.to(torch.float64).sum(1) / n
+    inject = passes_gate(p_hat, n, gate) & has_entry.to(torch.bool)
     return p_hat, inject
+
+
+def passes_gate(p_hat: torch.Tensor, group_size: int, gate: float) -> torch.Tensor:
+    """[G] bool: p̂ ≤ τ, inclusive, compared as correct counts k = p̂·n against τ·n (see `_GATE_SLACK`)."""
+    return p_hat * group_size <= gate * group_size + _GATE_SLACK
 
 
 def guide_slot(group_size: int) -> int:
