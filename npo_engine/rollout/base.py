@@ -10,11 +10,15 @@ comparable to the trainer's recomputed `logp` (which never truncates). With gree
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Protocol, runtime_checkable
+from typing import Iterable, Iterator, Literal, Protocol, runtime_checkable
 
 import torch
 
 FinishReason = Literal["stop", "length"]
+
+# Every entry of a weight bucket starts at a multiple of this many bytes: enough for any dtype's alignment and
+# for vector loads in the pack kernels (csrc/), small next to a norm weight (896 bf16 = 1792 bytes).
+BUCKET_ALIGN = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,3 +75,80 @@ class RolloutEngine(Protocol):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load full (unsharded) tensors named as in the HF checkpoint; later calls to `generate` use them."""
         ...
+
+    def load_buckets(self, buckets: Iterable[WeightBucket], *, verify: bool = True) -> list[int]:
+        """Load every tensor of every bucket (the trainer's weights, cast to the engine's dtype) in one sync.
+
+        Buckets arrive lazily, in order. Memory: if the engine sets `releases_buckets = True` it promises to hold
+        no reference into a bucket's `data` once it asks the iterator for the next bucket (the embedded engine
+        copies in place), and the sender may then reuse that memory for the next bucket; otherwise every bucket
+        stays valid until `load_buckets` returns.
+
+        With `verify`, returns one 64-bit fingerprint per bucket, in order, computed on the receiving side with
+        `npo_engine.sync.bucket_fingerprint` (or its per-tensor form, `FingerprintBlocks`): of the engine's own
+        weights laid out as the bucket says, read back after the copy, where the engine holds them one to one
+        (embedded); else of the bytes it received. Without `verify`, returns []. The caller compares them with
+        `WeightBucket.fingerprint`.
+
+        If it raises, the engine may hold a mix of old and new weights; the caller marks it stale.
+        """
+        ...
+
+    def score(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]], *,
+              temperature: float = 1.0) -> list[torch.Tensor]:
+        """Per-token fp32 log-probs of each given completion after its prompt, under the engine's current weights.
+
+        `log_softmax(logits / temperature)[token]` over the full vocabulary (no top-k / top-p), `temperature == 0`
+        meaning 1 as in `generate`; row i has shape [len(completion_token_ids[i])]. The weight sync's parity
+        probe compares these with the trainer's log-probs of the same tokens.
+        """
+        ...
+
+
+# ----------------------------------------------------------------------------------------------- weight sync
+
+
+@dataclass(frozen=True)
+class BucketEntry:
+    """One full (unsharded) tensor inside a `WeightBucket`, under the engine's name for it."""
+
+    name: str
+    """The engine's name (HF checkpoint names for every backend here: what `load_weights` expects)."""
+    offset: int
+    """Byte offset of the tensor's first element in `WeightBucket.data`, a multiple of `BUCKET_ALIGN`."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class WeightBucket:
+    """Many full tensors packed into one flat byte buffer: the unit a weight sync hands to an engine.
+
+    `data[e.offset : e.offset + e.nbytes]` holds entry `e`'s tensor, contiguous, row-major, in `e.dtype`; the
+    bytes between entries and after the last one are zero. A tensor larger than a bucket's target size is sent
+    alone in a bucket of its own size (never split: every receiver needs whole tensors anyway). The layout is
+    computed once per model (`npo_engine.sync.plan`), so bucket `index` has the same entries at every sync.
+    """
+
+    data: torch.Tensor
+    """1-D uint8, contiguous, on the trainer's device; its length is a multiple of `BUCKET_ALIGN`."""
+    entries: tuple[BucketEntry, ...]
+    fingerprint: int
+    """The sender's 64-bit fingerprint of `data` (`npo_engine.sync.fingerprint`), in [0, 2**64)."""
+    index: int
+    """Position of this bucket in its sync, from 0."""
+    count: int
+    """How many buckets this sync sends."""
+
+    def views(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for every entry: views into `data`, no copies. Valid while the bucket's memory is (see
+        `RolloutEngine.load_buckets`)."""
+        for e in self.entries:
+            yield e.name, self.data[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape)
