@@ -59,13 +59,15 @@ class GuideHost(Protocol):
     run_dir: Path
     state: TrainState
     rewards: RewardRunner
+    tokenizer: Any
+    """The policy's tokenizer (a baseline's source model must share its vocabulary)."""
     engine: RolloutEngine
     """The policy engine (AutoNPO's confirmation probe samples from it)."""
 
     def prompts_of_step(self, step: int) -> list[PromptRecord]: ...
     def encode_prompt(self, prompt: str, prompt_id: str) -> list[int]: ...
     def decode_completion(self, token_ids: list[int]) -> str: ...
-    def guide_engine(self) -> RolloutEngine: ...
+    def guide_engine(self, model: torch.nn.Module | None = None) -> RolloutEngine: ...
     def sync_guide_engine(self) -> dict[str, float]: ...
     def trainer_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[torch.Tensor]: ...
     def save_checkpoint(self, *, pin: bool = False) -> Path: ...
@@ -172,6 +174,26 @@ class GuideCache:
         self.manifest = manifest
 
 
+def sample_verified(host: GuideHost, engine: RolloutEngine, prompts: list[PromptRecord], prompt_ids: list[list[int]],
+                    *, samples: int, temperature: float, seed: int) -> tuple[list[list[list[int]]], list[float]]:
+    """Sample `samples` completions of each prompt from `engine` and verify them with the training reward.
+
+    Returns, per prompt, the completions that reached `SUCCESS_REWARD` (possibly none), in sampling order, and
+    the reward of every sample (prompt-major), for the caller's statistics.
+    """
+    cfg = host.cfg
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=temperature,
+                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=seed)
+    out = engine.generate([ids for ids in prompt_ids for _ in range(samples)], params)
+    scored = host.rewards.score([r.prompt for r in prompts for _ in range(samples)],
+                                [host.decode_completion(ids) for ids in out.token_ids],
+                                [r.answer for r in prompts for _ in range(samples)])
+    correct = [[list(out.token_ids[i * samples + j]) for j in range(samples)
+                if scored.rewards[i * samples + j] >= SUCCESS_REWARD and out.token_ids[i * samples + j]]
+               for i in range(len(prompts))]
+    return correct, list(scored.rewards)
+
+
 def build_guide_cache(host: GuideHost, name: str, prompts: list[PromptRecord], *, guide_step: int,
                       window: range) -> tuple[GuideCache, dict]:
     """Sample `npo.k_guide` guide responses for each of `prompts` (this rank's prompts of the replay `window`),
@@ -184,22 +206,11 @@ def build_guide_cache(host: GuideHost, name: str, prompts: list[PromptRecord], *
     cfg = host.cfg
     start = time.perf_counter()
     prompt_ids = [host.encode_prompt(r.prompt, r.id) for r in prompts]
-    k = cfg.npo.k_guide
-    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.npo.guide_temperature,
-                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                            seed=stream_seed(cfg.run.seed, f"guide/{name}", guide_step, host.dist.rank))
-    out = host.guide_engine().generate([ids for ids in prompt_ids for _ in range(k)], params)
-    completions = [host.decode_completion(ids) for ids in out.token_ids]
-    scored = host.rewards.score([r.prompt for r in prompts for _ in range(k)], completions,
-                                [r.answer for r in prompts for _ in range(k)])
-
+    correct, _ = sample_verified(host, host.guide_engine(), prompts, prompt_ids, samples=cfg.npo.k_guide,
+                                 temperature=cfg.npo.guide_temperature,
+                                 seed=stream_seed(cfg.run.seed, f"guide/{name}", guide_step, host.dist.rank))
     choose = random.Random(stream_seed(cfg.run.seed, f"guide_pick/{name}", guide_step, host.dist.rank))
-    kept: list[tuple[PromptRecord, list[int], list[int]]] = []
-    for i, record in enumerate(prompts):
-        correct = [j for j in range(k) if scored.rewards[i * k + j] >= SUCCESS_REWARD and out.token_ids[i * k + j]]
-        if correct:
-            j = choose.choice(correct)
-            kept.append((record, prompt_ids[i], list(out.token_ids[i * k + j])))
+    kept = [(record, ids, choose.choice(found)) for record, ids, found in zip(prompts, prompt_ids, correct) if found]
 
     # Verification: the kept trajectories are re-scored by the training reward function, as the trainer will.
     verify = host.rewards.score([r.prompt for r, _, _ in kept], [host.decode_completion(c) for _, _, c in kept],
@@ -215,7 +226,7 @@ def build_guide_cache(host: GuideHost, name: str, prompts: list[PromptRecord], *
         for (record, _, completion), logp, reward in zip(kept, logps, verify.rewards)
     }
     manifest = {"intervention": name, "guide_step": guide_step, "window": [window.start, window.stop],
-                "k_guide": k, "identity": host.model_identity()}
+                "k_guide": cfg.npo.k_guide, "identity": host.model_identity()}
     stats = {"prompts": len(prompts), "entries": len(entries), "seconds": time.perf_counter() - start}
     return GuideCache(entries, manifest), stats
 
@@ -225,6 +236,7 @@ def build_guide_cache(host: GuideHost, name: str, prompts: list[PromptRecord], *
 
 class GuideMixer(Protocol):
     def check(self, host: GuideHost) -> None: ...
+    def select_prompts(self, host: GuideHost, step: int, records: list[PromptRecord]) -> list[PromptRecord]: ...
     def before_step(self, host: GuideHost) -> None: ...
     def mix(self, groups: Groups, host: GuideHost) -> dict[str, float]: ...
     def after_step(self, host: GuideHost, metrics: dict[str, float]) -> None: ...
@@ -240,6 +252,10 @@ class NoMixing:
 
     def check(self, host: GuideHost) -> None:
         pass
+
+    def select_prompts(self, host: GuideHost, step: int, records: list[PromptRecord]) -> list[PromptRecord]:
+        """The prompts this rank rolls out at `step`: the sampler's (a replay rule may swap some)."""
+        return records
 
     def after_step(self, host: GuideHost, metrics: dict[str, float]) -> None:
         pass
@@ -295,6 +311,9 @@ class GuideSlots:
         # steps: the final trajectory is the last row of each step (`npo plot` draws it so).
         host.event("rollback", name=iv["name"], to_step=start, from_step=end, total_steps=host.state.total_steps,
                    seconds=time.perf_counter() - began, restore_seconds=restore.get("time/restore"))
+
+    def select_prompts(self, host: GuideHost, step: int, records: list[PromptRecord]) -> list[PromptRecord]:
+        return records
 
     def _cache_dir(self, host: GuideHost, iv: dict[str, Any]) -> Path:
         return host.run_dir / "guides" / iv["name"]
@@ -385,20 +404,10 @@ class GuideSlots:
                 sample.gate_acc = float(p_hat[g])
             if inject[g]:
                 entry = cache.get(group[0].prompt_id)
-                old = group[slot]
-                guide = Sample(prompt_id=old.prompt_id, group_id=old.group_id, prompt=old.prompt,
-                               answer=old.answer, prompt_ids=old.prompt_ids, completion_ids=list(entry.token_ids),
-                               behavior_logp=torch.tensor(entry.guide_logp, dtype=torch.float32),
-                               logp_source="guide", finish_reason="guide", policy_id=GUIDE,
-                               gate_acc=float(p_hat[g]))
-                groups.replace(g * groups.group_size + slot, guide)
-                replaced.append(guide)
-        if replaced:  # the guide's reward is recomputed, not assumed (format rewards may be in play)
-            rescored = host.rewards.score([s.prompt for s in replaced],
-                                          [host.decode_completion(s.completion_ids) for s in replaced],
-                                          [s.answer for s in replaced])
-            for sample, reward in zip(replaced, rescored.rewards):
-                sample.reward = reward
+                replaced.append(put_in_slot(groups, g * groups.group_size + slot, entry.token_ids,
+                                            torch.tensor(entry.guide_logp, dtype=torch.float32),
+                                            policy_id=GUIDE, logp_source="guide", source="guide"))
+        rescore(host, replaced)
 
         self._gated(groups, p_hat, host)
         gated = algo.passes_gate(p_hat, groups.group_size, self.cfg.mix.gate)
@@ -597,18 +606,31 @@ class AutoNPOMixing(GuideSlots):
         return autonpo.ControllerState.from_json(host.state.controller)
 
 
-MIXERS: dict[str, type] = {"none": NoMixing, "npo": NPOMixing, "autonpo": AutoNPOMixing}
-
-
-def make_mixer(cfg: TrainConfig) -> GuideMixer:
-    """The mixing component of `mix.mode`."""
-    if cfg.mix.mode not in MIXERS:
-        raise ValueError(f"mix.mode = {cfg.mix.mode!r} has no mixing rule; choose one of {sorted(MIXERS)}")
-    cls = MIXERS[cfg.mix.mode]
-    return cls() if cls is NoMixing else cls(cfg)
-
-
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def put_in_slot(groups: Groups, index: int, completion_ids: list[int], behavior_logp: torch.Tensor, *,
+                policy_id: int, logp_source: str, source: str) -> Sample:
+    """Replace the sample in slot `index` with another trajectory of the same prompt; returns the new record
+    (its reward still to be computed: see `rescore`). The group's on-policy accuracy stays on it."""
+    old = groups.samples[index]
+    sample = Sample(prompt_id=old.prompt_id, group_id=old.group_id, prompt=old.prompt, answer=old.answer,
+                    prompt_ids=old.prompt_ids, completion_ids=list(completion_ids), behavior_logp=behavior_logp,
+                    logp_source=logp_source, finish_reason=source, policy_id=policy_id, source=source,
+                    gate_acc=old.gate_acc)
+    groups.replace(index, sample)
+    return sample
+
+
+def rescore(host: GuideHost, samples: list[Sample]) -> None:
+    """Recompute the reward of trajectories put into slots, as the verifier scores every sample: a recorded
+    reward is never assumed (format rewards may be in play, the verifier may have changed)."""
+    if samples:
+        scored = host.rewards.score([s.prompt for s in samples],
+                                    [host.decode_completion(s.completion_ids) for s in samples],
+                                    [s.answer for s in samples])
+        for sample, reward in zip(samples, scored.rewards):
+            sample.reward = reward
 
 
 def stream_seed(seed: int, stream: str, step: int, rank: int) -> int:

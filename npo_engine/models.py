@@ -120,23 +120,44 @@ def demo_cache_root(cfg_dir: str | None = None) -> Path:
     return Path.home() / ".cache" / "npo_engine"
 
 
-def demo_model_key(sft_steps: int) -> str:
-    recipe = json.dumps([DEMO_MODEL_VERSION, DEMO_ALPHABET, _SFT_LEVELS, _SFT_LEVEL_WEIGHTS, _SFT_BATCH, _SFT_LR,
-                         _SFT_SEED, sft_steps, demo_model_config(len(DEMO_SPECIAL_TOKENS) + len(DEMO_ALPHABET))
-                         .to_json_string(use_diff=False)])
-    return f"demo-v{DEMO_MODEL_VERSION}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+def demo_model_key(sft_steps: int, levels: tuple[int, ...] = _SFT_LEVELS,
+                   level_weights: tuple[float, ...] = _SFT_LEVEL_WEIGHTS) -> str:
+    recipe = [DEMO_MODEL_VERSION, DEMO_ALPHABET, levels, level_weights, _SFT_BATCH, _SFT_LR, _SFT_SEED, sft_steps,
+              demo_model_config(len(DEMO_SPECIAL_TOKENS) + len(DEMO_ALPHABET)).to_json_string(use_diff=False)]
+    digest = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
+    return f"demo-v{DEMO_MODEL_VERSION}-{digest}"
+
+
+# The demo teacher (LUFFY's external teacher on the demo task): the same recipe on every level, mostly the hard
+# ones, trained longer, so it solves much of what the demo model cannot yet.
+TEACHER_LEVELS = (1, 2, 3, 4, 5)
+TEACHER_LEVEL_WEIGHTS = (0.1, 0.1, 0.2, 0.3, 0.3)
 
 
 def ensure_demo_model(cfg: ModelConfig, *, progress: bool = True) -> Path:
     """The cached demo model directory, built first if missing (atomically: a killed build leaves no cache)."""
-    target = demo_cache_root(cfg.demo_cache_dir) / demo_model_key(cfg.demo_sft_steps)
+    return _ensure_built(demo_cache_root(cfg.demo_cache_dir), cfg.demo_sft_steps, _SFT_LEVELS, _SFT_LEVEL_WEIGHTS,
+                         what="the demo model", progress=progress)
+
+
+def ensure_demo_teacher(cache_dir: str | None, sft_steps: int, *, progress: bool = True) -> Path:
+    """The cached demo teacher directory (`TEACHER_LEVELS`, `sft_steps` supervised steps), built first if
+    missing; deterministic like the demo model, and cached beside it."""
+    return _ensure_built(demo_cache_root(cache_dir), sft_steps, TEACHER_LEVELS, TEACHER_LEVEL_WEIGHTS,
+                         what="the demo teacher", progress=progress)
+
+
+def _ensure_built(root: Path, sft_steps: int, levels: tuple[int, ...], level_weights: tuple[float, ...], *,
+                  what: str, progress: bool) -> Path:
+    target = root / demo_model_key(sft_steps, levels, level_weights)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         tokenizer = build_demo_tokenizer()
-        model = train_demo_model(tokenizer, cfg.demo_sft_steps, progress=progress)
+        model = train_demo_model(tokenizer, sft_steps, levels=levels, level_weights=level_weights, what=what,
+                                 progress=progress)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         try:
@@ -149,8 +170,11 @@ def ensure_demo_model(cfg: ModelConfig, *, progress: bool = True) -> Path:
     return target
 
 
-def train_demo_model(tokenizer: PreTrainedTokenizerFast, steps: int, *, progress: bool = True) -> torch.nn.Module:
-    """Seeded supervised warm-up of a fresh demo model on `prompt + answer + <eos>` (loss on the answer only).
+def train_demo_model(tokenizer: PreTrainedTokenizerFast, steps: int, *, levels: tuple[int, ...] = _SFT_LEVELS,
+                     level_weights: tuple[float, ...] = _SFT_LEVEL_WEIGHTS, what: str = "the demo model",
+                     progress: bool = True) -> torch.nn.Module:
+    """Seeded supervised warm-up of a fresh demo model on `prompt + answer + <eos>` (loss on the answer only),
+    with problems of `levels` drawn with `level_weights`.
 
     Deterministic on a given machine and torch build: fixed seeds, and the thread count pinned while it runs.
     """
@@ -166,14 +190,13 @@ def train_demo_model(tokenizer: PreTrainedTokenizerFast, steps: int, *, progress
     try:
         torch.manual_seed(_SFT_SEED)
         model = Qwen2ForCausalLM(demo_model_config(len(tokenizer)))
-        problems = arithmetic_problems("train", 40_000, levels=_SFT_LEVELS, weights=_SFT_LEVEL_WEIGHTS,
-                                       seed=_SFT_SEED)
+        problems = arithmetic_problems("train", 40_000, levels=levels, weights=level_weights, seed=_SFT_SEED)
         optimizer = torch.optim.AdamW(model.parameters(), lr=_SFT_LR, betas=(0.9, 0.98), weight_decay=0.01)
         warmup = 50
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / max(steps, 1)))
         order = random.Random(_SFT_SEED)
-        bar = tqdm(range(steps), desc="building the demo model (supervised warm-up)", disable=not progress)
+        bar = tqdm(range(steps), desc=f"building {what} (supervised warm-up)", disable=not progress)
         for _ in bar:
             batch = order.sample(problems, _SFT_BATCH)
             input_ids, loss_mask = _sft_tensors(tokenizer, [(p.prompt, p.answer) for p in batch])

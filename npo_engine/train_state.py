@@ -25,6 +25,8 @@ class TrainState:
     """State of an adaptive intervention controller (EMAs, cooldown, history); empty when there is none."""
     mistake_pool: list[dict[str, Any]] = field(default_factory=list)
     """Recent failed prompts an adaptive controller draws on; empty when there is none."""
+    experience: dict[str, Any] = field(default_factory=dict)
+    """A replay buffer of the run's own trajectories (ExGRPO's experience pool); empty when there is none."""
 
     def to_json(self) -> dict[str, Any]:
         return {"version": _VERSION, **dataclasses.asdict(self)}

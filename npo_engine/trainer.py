@@ -44,7 +44,8 @@ from npo_engine.distributed import (
     init_distributed,
     shard_model,
 )
-from npo_engine.guides import SUCCESS_REWARD, make_mixer, stream_seed
+from npo_engine.guides import SUCCESS_REWARD, stream_seed
+from npo_engine.mixing import make_mixer
 from npo_engine.metrics import MetricsLogger
 from npo_engine.models import LogprobModel, ensure_demo_model, load_causal_lm, load_tokenizer
 from npo_engine.rewards import RewardRunner
@@ -61,9 +62,11 @@ class TrainBatch:
     """Groups as right-padded tensors: row b is prompt + completion of sample b.
 
     input_ids, attention_mask, completion_mask, behavior_logp: [B, L]; rewards, group_ids, policy_id,
-    advantages: [B] (advantages may become [B, L] when a guide IS weight is folded in). `completion_mask` marks
-    the completion tokens (the ones the loss scores), and `behavior_logp[b, j]` is the behaviour log-prob of
-    token j under the policy that produced row b (the engine's, or the guide's recorded one).
+    replayed, advantages, row_entropy: [B] (advantages may become [B, L] when a guide IS weight is folded in).
+    `completion_mask` marks the completion tokens (the ones the loss scores), and `behavior_logp[b, j]` is the
+    behaviour log-prob of token j under the policy that produced row b (the engine's, or the guide's recorded
+    one); rows with `replayed` set have none yet (RLEP): the update recomputes them with the current weights.
+    `row_entropy` is filled by the update: each row's mean token entropy under the policy that trained on it.
     """
 
     input_ids: torch.Tensor
@@ -73,7 +76,9 @@ class TrainBatch:
     rewards: torch.Tensor
     group_ids: torch.Tensor
     policy_id: torch.Tensor
+    replayed: torch.Tensor
     advantages: torch.Tensor | None = None
+    row_entropy: torch.Tensor | None = None
 
     def rows(self, start: int, stop: int) -> TrainBatch:
         return TrainBatch(**{name: None if value is None else value[start:stop] for name, value in vars(self).items()})
@@ -224,6 +229,8 @@ class Trainer:
                                                    policy_id=batch.policy_id, backend=cfg.kernels.backend)
         train_start = time.perf_counter()
         metrics |= self.update(batch)                                        # log-probs, loss, backward, AdamW
+        for sample, entropy in zip(groups, batch.row_entropy.tolist()):
+            sample.entropy = entropy                                         # ExGRPO keeps the lowest-entropy
         metrics["time/train"] = time.perf_counter() - train_start
         metrics |= self._sync_engine()                                       # engine gets the new weights
         self.state.step += 1
@@ -253,7 +260,7 @@ class Trainer:
     def rollout(self, step: int) -> Groups:
         """Sample `group_size` completions for each of this rank's prompts of `step` with the current policy."""
         cfg, n = self.cfg, self.cfg.rollout.group_size
-        records = self.prompts_of_step(step)
+        records = self.mixer.select_prompts(self, step, self.prompts_of_step(step))  # ExGRPO replays some
         first = self.dist.rank * len(records)
         prompt_ids = [self.encode_prompt(r.prompt, r.id) for r in records]
         params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
@@ -287,37 +294,43 @@ class Trainer:
                           completion_mask=completion_mask.to(to), behavior_logp=behavior_logp.to(to),
                           rewards=torch.tensor(groups.rewards, dtype=torch.float32, device=to),
                           group_ids=torch.tensor([s.group_id for s in groups], device=to),
-                          policy_id=torch.tensor([s.policy_id for s in groups], device=to))
+                          policy_id=torch.tensor([s.policy_id for s in groups], device=to),
+                          replayed=torch.tensor([s.logp_source == "replay" for s in groups], device=to))
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """Fix each row's behaviour log-probs by its source, then take `optim.epochs` passes of
         `optim.mini_batches` AdamW updates.
 
         On-policy rows: the engine's log-probs, or the trainer's recomputation (`rollout.behavior_logp`).
-        Guide rows: the guide's recorded log-probs (`mix.guide_is: exact`), or π_old recomputed on their tokens
-        (`none`), times the truncated weight min(π_old / π_guide, C) folded into per-token advantages
-        (`decoupled`). The first update of a step has ratio 1 on recomputed rows; later mini-batches are
-        slightly off-policy and the PPO clip bounds them.
+        Guide rows: the guide's recorded log-probs (`mix.guide_is: exact`, and `exgrpo`, whose weight is
+        π_θ / π_recorded), zeros for a teacher (`luffy`: π_φ ≡ 1), or π_old recomputed on their tokens (`none`),
+        times the truncated weight min(π_old / π_guide, C) folded into per-token advantages (`decoupled`).
+        Replayed rows (RLEP) are recomputed like on-policy ones. The first update of a step has ratio 1 on
+        recomputed rows; later mini-batches are slightly off-policy and the PPO clip bounds them.
         """
         cfg = self.cfg
+        guide_is = cfg.mix.guide_weighting
         engine_logp = batch.behavior_logp
         on_policy = (batch.policy_id == ON_POLICY)[:, None]
+        replayed = batch.replayed[:, None]
         recompute_on_policy = cfg.rollout.behavior_logp == "recompute"
-        recompute_guides = algo.needs_old_logp(cfg.mix.guide_is)
+        recompute_guides = algo.needs_old_logp(guide_is)
         out: dict[str, float] = {}
-        if recompute_on_policy or recompute_guides:  # a config choice, so every rank takes the same path
+        # A config choice (RLEP's mode always has replayed rows), so every rank takes the same path.
+        if recompute_on_policy or recompute_guides or cfg.mix.mode == "rlep":
             with torch.no_grad():
                 old_logp = self._logprobs(batch, cfg.rollout.temperature)
-            rows = (on_policy & recompute_on_policy) | (~on_policy & recompute_guides)
+            rows = (on_policy & recompute_on_policy) | (~on_policy & recompute_guides) | replayed
             batch.behavior_logp = torch.where(rows, old_logp, engine_logp)
-            if cfg.mix.guide_is == "decoupled":
+            if guide_is == "decoupled":
                 weights = algo.decoupled_weights(old_logp, engine_logp, batch.completion_mask & ~on_policy,
                                                  cfg.mix.decoupled_cap)
                 batch.advantages = batch.advantages[:, None] * torch.where(~on_policy, weights, 1.0)
-            mismatch = (engine_logp - old_logp).abs()[batch.completion_mask & on_policy]
+            mismatch = (engine_logp - old_logp).abs()[batch.completion_mask & on_policy & ~replayed]
             n_mismatch = all_reduce_sum(torch.tensor([mismatch.sum().item(), mismatch.numel()], dtype=torch.float64))
             out["mismatch/logp_abs"] = n_mismatch[0].item() / max(n_mismatch[1].item(), 1.0)
 
+        batch.row_entropy = torch.zeros(batch.input_ids.shape[0], device=batch.input_ids.device)
         updates = [self._optimizer_update(mini) for _ in range(cfg.optim.epochs)
                    for mini in self._mini_batches(batch)]
         for key in updates[0]:  # mean over updates; a guide metric over those that had guide tokens
@@ -348,7 +361,9 @@ class Trainer:
                                         temperature=cfg.rollout.temperature, return_entropy=True)
             pg_loss, pg_metrics = self.policy_loss(logp, mb.behavior_logp, mb.advantages, mb.completion_mask,
                                                    cfg.algo, policy_id=mb.policy_id,
-                                                   norm_length=cfg.rollout.max_new_tokens, backend=cfg.kernels.backend)
+                                                   norm_length=cfg.rollout.max_new_tokens,
+                                                   guide_transform=algo.guide_transform(cfg.mix.guide_weighting),
+                                                   shaping_gamma=cfg.mix.shaping_gamma, backend=cfg.kernels.backend)
             # FSDP averages gradients over ranks; × world_size turns that mean back into the sum the global
             # normalizer needs (a single process has world_size 1).
             weight = (units[lo : lo + micro].sum() / total_units * self.dist.world_size).to(pg_loss.dtype)
@@ -359,6 +374,7 @@ class Trainer:
                 _accumulate(totals, {"loss/kl": kl.detach() * weight / self.dist.world_size})
             (loss * weight).backward()
             mask = mb.completion_mask
+            mb.row_entropy.copy_((entropy.detach() * mask).sum(1) / mask.sum(1).clamp_min(1))  # a view of the batch's
             guide_rows = (mb.policy_id != ON_POLICY)[:, None] & mask
             tokens, guide_tokens = mask.sum(), guide_rows.sum()
             share = weight / self.dist.world_size  # this micro-batch's share of the loss of the whole batch
@@ -546,10 +562,15 @@ class Trainer:
         per_rank = len(prompts) // self.dist.world_size
         return prompts[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
 
-    def guide_engine(self) -> RolloutEngine:
-        """The guide engine: a second engine of the same backend, alive from its first use to the end."""
+    def guide_engine(self, model: torch.nn.Module | None = None) -> RolloutEngine:
+        """The guide engine: a second engine of the same backend, alive from its first use to the end.
+
+        It holds a copy of the policy (NPO's guides are synced into it), or, when the first call gives `model`,
+        that model (a baseline's teacher or converged policy); a run has at most these two engines."""
         if self._guide_engine is None:
-            self._guide_engine = self._make_engine("guide", self.engine.model)
+            self._guide_engine = self._make_engine("guide", model if model is not None else self.engine.model)
+        elif model is not None:
+            raise RuntimeError("the guide engine already exists; a model for it can only be given on its first use")
         return self._guide_engine
 
     def sync_guide_engine(self) -> dict[str, float]:
@@ -677,7 +698,7 @@ class Trainer:
         """Append every trained sample of the step to rollouts/step_XXXXXX.jsonl (rank 0 gathers)."""
         advantages = batch.advantages if batch.advantages.dim() == 1 else batch.advantages[:, -1]
         rows = [{"step": groups.step + 1, "total_steps": self.state.total_steps, "prompt_id": s.prompt_id,
-                 "group_id": s.group_id, "policy_id": s.policy_id, "reward": s.reward,
+                 "group_id": s.group_id, "policy_id": s.policy_id, "source": s.source, "reward": s.reward,
                  "advantage": float(a), "gate_acc": s.gate_acc, "num_tokens": len(s.completion_ids),
                  "completion": self.decode_completion(s.completion_ids)}
                 for s, a in zip(groups, advantages.tolist())]

@@ -5,10 +5,11 @@ A new loss is a new function registered in `POLICY_LOSSES`, never a branch insid
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
-from npo_kernels import policy_loss
+from npo_kernels import MAX_LOG_RATIO, policy_loss
 
 from npo_engine.config import AlgoConfig
 
@@ -16,13 +17,23 @@ from npo_engine.config import AlgoConfig
 class PolicyLossFn(Protocol):
     def __call__(self, logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: torch.Tensor,
                  mask: torch.Tensor, cfg: AlgoConfig, *, policy_id: torch.Tensor | None, norm_length: int,
+                 guide_transform: str, shaping_gamma: float,
                  backend: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+# algo.clip_on_policy = false: clip bounds no ratio can reach. The loss clamps log r into [-MAX_LOG_RATIO,
+# MAX_LOG_RATIO] before exp(), so r lies in [e^-20, e^20]; a range one e-fold wider on each side never binds,
+# the "clipped" branch is never strictly larger, and the loss is exactly -A * r.
+_NEVER_BINDING_CLIP_LOW = 1.0 - math.exp(-(MAX_LOG_RATIO + 1))
+_NEVER_BINDING_CLIP_HIGH = math.exp(MAX_LOG_RATIO + 1)
 
 
 def ppo_clip(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
              cfg: AlgoConfig, *, policy_id: torch.Tensor | None = None, norm_length: int,
+             guide_transform: str = "ppo", shaping_gamma: float = 0.1,
              backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate with clip-low/high and optional dual clip, aggregated by `cfg.loss_agg`.
+    """PPO clipped surrogate with clip-low/high and optional dual clip, aggregated by `cfg.loss_agg`; guide
+    tokens take `guide_transform` ("ppo": the same clip; "luffy", "exgrpo": the shaped weights, no clip).
 
     Args:
         logp, behavior_logp, mask: [B, T]; advantages: [B] or [B, T]; policy_id: [B] (0 on-policy, 1 guide).
@@ -31,9 +42,13 @@ def ppo_clip(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: torch.
     Returns:
         (0-d loss, metrics of detached 0-d tensors: pg/clipfrac, pg/ppo_kl, ...).
     """
-    return policy_loss(logp, behavior_logp, advantages, mask, policy_id=policy_id, clip_low=cfg.clip_low,
-                       clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, guide_transform="ppo",
-                       agg=cfg.loss_agg, norm_length=cfg.norm_length or norm_length, backend=backend)
+    clip_low, clip_high = cfg.clip_low, cfg.clip_high
+    if not cfg.clip_on_policy:
+        clip_low, clip_high = _NEVER_BINDING_CLIP_LOW, _NEVER_BINDING_CLIP_HIGH
+    return policy_loss(logp, behavior_logp, advantages, mask, policy_id=policy_id, clip_low=clip_low,
+                       clip_high=clip_high, dual_clip=cfg.dual_clip, guide_transform=guide_transform,
+                       shaping_gamma=shaping_gamma, agg=cfg.loss_agg, norm_length=cfg.norm_length or norm_length,
+                       backend=backend)
 
 
 POLICY_LOSSES: dict[str, PolicyLossFn] = {"ppo": ppo_clip}

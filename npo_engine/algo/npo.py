@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-GuideIS = Literal["exact", "none", "decoupled"]
+GuideIS = Literal["exact", "none", "decoupled", "luffy", "exgrpo"]
 
 # k/n is compared with the gate as k <= gate·n: a gate of 0.6 at n = 8 admits k <= 4.8, i.e. 4 correct, and
 # the slack absorbs the rounding of gate·n (0.6·5 = 3.0000000000000004) without admitting k = gate·n + 1.
@@ -70,3 +70,9 @@ def decoupled_weights(old_logp: torch.Tensor, guide_logp: torch.Tensor, mask: to
 def needs_old_logp(guide_is: GuideIS) -> bool:
     """Whether guide rows need π_old recomputed on their tokens (the ratio's denominator or the IS weight)."""
     return guide_is in ("none", "decoupled")
+
+
+def guide_transform(guide_is: GuideIS) -> str:
+    """The loss form of guide tokens for a weighting: LUFFY's and ExGRPO's shaped weights, else the PPO clip
+    (on π_θ / π_guide for `exact`, on π_θ / π_old for `none` and `decoupled`)."""
+    return guide_is if guide_is in ("luffy", "exgrpo") else "ppo"

@@ -18,7 +18,7 @@ from npo_engine.errors import UserError
 
 __all__ = ["AlgoConfig", "CheckpointConfig", "ConfigError", "DataConfig", "KernelConfig", "LoggingConfig",
            "AutoNPOConfig", "MixConfig", "ModelConfig", "NPOConfig", "OptimConfig", "RewardConfig", "RolloutConfig", "RunConfig",
-           "TrainConfig"]
+           "TrainConfig", "TeacherConfig", "ExGRPOConfig", "RLEPConfig", "GuideIS"]
 
 
 class ConfigError(UserError, ValueError):
@@ -209,6 +209,9 @@ class AlgoConfig:
     """Weight of a KL penalty to the frozen initial policy (0 = off, no reference model is loaded)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator per token: k1 = log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r (low variance)."""
+    clip_on_policy: bool = True
+    """false removes the PPO clip from on-policy tokens: their loss is -A * pi_theta / pi_old, unbounded (LUFFY's
+    `loss_remove_clip=True`, set in configs/luffy.yaml). Guide tokens follow mix.guide_is."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "algo")
@@ -220,25 +223,51 @@ class AlgoConfig:
         _check(self.norm_length is None or self.norm_length >= 1, "algo.norm_length", self.norm_length,
                "use null or a length >= 1")
         _check(self.kl_coef >= 0, "algo.kl_coef", self.kl_coef, "use a value >= 0 (0 disables the KL term)")
+        _check(self.clip_on_policy or self.dual_clip is None, "algo.dual_clip", self.dual_clip,
+               "the dual clip bounds the PPO clip, which algo.clip_on_policy = false removes; set it to null")
+
+
+GuideIS = Literal["exact", "none", "decoupled", "luffy", "exgrpo"]
+
+# The guide-token weighting each mode uses when mix.guide_is is left unset.
+DEFAULT_GUIDE_IS: dict[str, GuideIS] = {"none": "none", "npo": "exact", "autonpo": "exact", "luffy": "luffy",
+                                        "exgrpo": "exgrpo", "rlep": "none"}
+# The weightings that make sense for each mode's extra trajectories.
+ALLOWED_GUIDE_IS: dict[str, tuple[str, ...]] = {
+    "none": ("exact", "none", "decoupled", "luffy", "exgrpo"),  # no extra trajectories: any value is inert
+    "rlep": ("none",),  # RLEP's replayed trajectories are treated as on-policy
+    "npo": ("exact", "none", "decoupled", "exgrpo"), "autonpo": ("exact", "none", "decoupled", "exgrpo"),
+    # The teacher's probabilities are not known (LUFFY takes pi_phi = 1): only weightings without pi_phi.
+    "luffy": ("luffy", "none"),
+    "exgrpo": ("exgrpo", "exact", "none", "decoupled"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
 class MixConfig:
-    """Who fills rollout slots besides the current policy (npo_method.md §5-§8)."""
+    """Who fills rollout slots besides the current policy (npo_method.md §5-§8, §13)."""
 
-    mode: Literal["none", "npo", "autonpo"] = "none"
+    mode: Literal["none", "npo", "autonpo", "luffy", "exgrpo", "rlep"] = "none"
     """none = plain GRPO; npo = on gated prompts, one slot of the group holds a verified trajectory of a later
     checkpoint of this run (the `npo` section says when those guides are made); autonpo = the same, with the
-    interventions triggered and sized by the AutoNPO controller (the `autonpo` section)."""
+    interventions triggered and sized by the AutoNPO controller (the `autonpo` section). Baselines: luffy = one
+    slot of every group holds an external teacher's verified trace (the `teacher` section); exgrpo = a share of
+    each batch replays the run's own past successes, one per group (the `exgrpo` section); rlep = the last slots
+    of each group replay verified trajectories of a converged earlier run (the `rlep` section)."""
     gate: float = 0.6
     """Replace a slot only when the group's on-policy accuracy over all n samples is at or below this
-    (inclusive; paper: 0.6, i.e. at most 4 of 8 correct)."""
-    guide_is: Literal["exact", "none", "decoupled"] = "exact"
-    """Ratio of guide tokens: exact = pi_theta / pi_guide with the recorded guide log-probs and the PPO clip;
+    (inclusive; paper: 0.6, i.e. at most 4 of 8 correct). NPO and AutoNPO only: the baselines have no gate."""
+    guide_is: GuideIS | None = None
+    """Weighting of guide (off-policy) tokens; null = the mode's own (npo, autonpo: exact; luffy: luffy; exgrpo:
+    exgrpo; rlep: none). exact = pi_theta / pi_guide with the recorded guide log-probs and the PPO clip;
     none = treated as on-policy (pi_theta / pi_old recomputed on the guide tokens); decoupled = the PPO clip on
-    pi_theta / pi_old times the truncated weight min(pi_old / pi_guide, decoupled_cap)."""
+    pi_theta / pi_old times the truncated weight min(pi_old / pi_guide, decoupled_cap); luffy = -A * p / (p +
+    shaping_gamma) with p = pi_theta, no clip (LUFFY's policy shaping, pi_guide taken as 1); exgrpo = -A * w /
+    (w + shaping_gamma) with w = pi_theta / pi_recorded, no clip (ExGRPO)."""
     decoupled_cap: float = 2.0
     """C of guide_is = decoupled: the per-token weight pi_old / pi_guide is truncated at C."""
+    shaping_gamma: float = 0.1
+    """gamma of the luffy and exgrpo weightings (LUFFY: off_policy_reshape="p_div_p_0.1"; ExGRPO: 0.1)."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "mix")
@@ -246,6 +275,16 @@ class MixConfig:
                "the gate is a group-accuracy threshold; use a value in [0, 1] (paper: 0.6)")
         _check(self.decoupled_cap >= 1.0, "mix.decoupled_cap", self.decoupled_cap,
                "use a truncation level >= 1, e.g. 2")
+        _check(self.shaping_gamma > 0, "mix.shaping_gamma", self.shaping_gamma, "use a value > 0 (LUFFY: 0.1)")
+        allowed = ALLOWED_GUIDE_IS[self.mode]
+        _check(self.guide_is is None or self.guide_is in allowed, "mix.guide_is", self.guide_is,
+               f"mix.mode = {self.mode} weights its extra trajectories with one of {list(allowed)}; use one of "
+               "those, or null for the mode's own")
+
+    @property
+    def guide_weighting(self) -> GuideIS:
+        """`guide_is`, or the mode's own when it is unset."""
+        return self.guide_is or DEFAULT_GUIDE_IS[self.mode]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,6 +363,75 @@ class AutoNPOConfig:
                (self.probe_prompts, self.probe_samples), "probe at least 1 prompt with at least 1 sample")
         _check(0 <= self.probe_pass <= 1, "autonpo.probe_pass", self.probe_pass, "use a pass rate in [0, 1]")
         _check(self.probe_retry >= 1, "autonpo.probe_retry", self.probe_retry, "use a count >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+    """LUFFY's external teacher (mix.mode = luffy, npo_method.md §13): one slot of every group holds a verified
+    trace of this model. LUFFY's script reads DeepSeek-R1 traces from its dataset (n_prefix=1, prefix ratio 1.0);
+    here the teacher samples them, and only verified-correct ones are used."""
+
+    path: str | None = None
+    """Local Hugging Face model directory of the teacher (same tokenizer vocabulary as the policy); null builds
+    the demo teacher: the demo model's recipe, trained longer and on every level, cached like the demo model."""
+    demo_sft_steps: int = 1500
+    """Supervised steps of the demo teacher (part of its identity: changing it rebuilds it); three times the demo
+    model's, about 12 minutes on 2 CPU cores, once."""
+    samples: int = 4
+    """Teacher samples per prompt; one verified-correct sample is kept, chosen uniformly (none: no teacher slot)."""
+    temperature: float = 1.0
+    """Sampling temperature of the teacher."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "teacher")
+        _check(self.demo_sft_steps >= 1, "teacher.demo_sft_steps", self.demo_sft_steps, "use a count >= 1")
+        _check(self.samples >= 1, "teacher.samples", self.samples, "use a count >= 1")
+        _check(self.temperature > 0, "teacher.temperature", self.temperature, "the teacher must sample; use > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExGRPOConfig:
+    """ExGRPO's experience replay (mix.mode = exgrpo, npo_method.md §13; values from its script)."""
+
+    experience_ratio: float = 0.5
+    """Share of each batch's prompts drawn from the experience pool (script: experience_ratio=0.5); each of those
+    groups gets its fresh rollouts with the last slot replaced by the replayed trajectory."""
+    start_solve_rate: float = 0.35
+    """Replay starts once a step's on-policy solve rate exceeds this (script: 0.35), and stays on."""
+    bucket_sigma: float = 1.0
+    """Prompts are bucketed by their latest on-policy accuracy; a bucket is drawn with weight
+    N(accuracy; 0.5, sigma) (ExGRPO favours medium-difficulty questions), then a prompt uniformly within it."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "exgrpo")
+        _check(0 < self.experience_ratio < 1, "exgrpo.experience_ratio", self.experience_ratio,
+               "use a share in (0, 1) (script: 0.5)")
+        _check(0 <= self.start_solve_rate <= 1, "exgrpo.start_solve_rate", self.start_solve_rate,
+               "use a solve rate in [0, 1] (script: 0.35)")
+        _check(self.bucket_sigma > 0, "exgrpo.bucket_sigma", self.bucket_sigma, "use a value > 0 (script: 1.0)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLEPConfig:
+    """RLEP's replay of a converged run (mix.mode = rlep, npo_method.md §13): phase 1 is a finished vanilla run;
+    here its policy decodes each prompt and the verified successes are replayed, treated as on-policy."""
+
+    converged_run: str | None = None
+    """Run directory of the finished phase-1 run; its newest export (exports/step_XXXXXX) is the converged
+    policy. `npo train --config configs/demo.yaml` produces one at runs/demo."""
+    replay: int = 2
+    """M: the last M slots of each group hold replayed successes when the pool has them (script: G = 16 fresh +
+    M = 2 replayed, i.e. rollout.group_size = 18); a prompt with fewer successes keeps fresh samples there."""
+    samples: int = 8
+    """Decodes of the converged policy per prompt; the verified-correct ones form the prompt's pool."""
+    temperature: float = 1.0
+    """Sampling temperature of the converged policy."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "rlep")
+        _check(self.replay >= 1, "rlep.replay", self.replay, "use a count >= 1 (script: 2)")
+        _check(self.samples >= 1, "rlep.samples", self.samples, "use a count >= 1")
+        _check(self.temperature > 0, "rlep.temperature", self.temperature, "the converged policy must sample; use > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -453,12 +561,22 @@ class TrainConfig:
     mix: MixConfig = field(default_factory=MixConfig)
     npo: NPOConfig = field(default_factory=NPOConfig)
     autonpo: AutoNPOConfig = field(default_factory=AutoNPOConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    exgrpo: ExGRPOConfig = field(default_factory=ExGRPOConfig)
+    rlep: RLEPConfig = field(default_factory=RLEPConfig)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # sections check their own floats first; this covers any others
             _check_finite(getattr(self, f.name), f.name)
         if self.mix.mode == "autonpo":
             self._check_autonpo()
+        if self.mix.mode == "rlep":
+            _check(self.rlep.converged_run is not None, "rlep.converged_run", None,
+                   "mix.mode = rlep replays a finished run: give its run directory, e.g. runs/demo (produced by "
+                   "`npo train --config configs/demo.yaml`)")
+            _check(self.rlep.replay < self.rollout.group_size, "rlep.replay", self.rlep.replay,
+                   f"replayed slots must leave fresh ones in a group of rollout.group_size = "
+                   f"{self.rollout.group_size}; use fewer or a larger group (script: 16 fresh + 2 replayed)")
         if self.mix.mode != "npo":
             return
         npo = self.npo

@@ -15,9 +15,12 @@ from npo_kernels import GUIDE, ON_POLICY  # policy_id values: 0 = current policy
 
 __all__ = ["GUIDE", "ON_POLICY", "Groups", "LogpSource", "Sample"]
 
-LogpSource = Literal["engine", "trainer", "guide"]
-"""Where `behavior_logp` came from: the rollout engine's sampling log-probs, the trainer's recomputation with
-the current weights, or the trainer's forward of the guide weights when the guide cache was built."""
+LogpSource = Literal["engine", "trainer", "guide", "teacher", "replay"]
+"""Where `behavior_logp` came from: the rollout engine's sampling log-probs (also those recorded with a past
+success that ExGRPO replays), the trainer's recomputation with the current weights, the trainer's forward of
+the guide weights when the guide cache was built; "teacher": none, LUFFY takes the teacher's probabilities as 1
+(zeros); "replay": none yet, the trainer recomputes them with the current weights (RLEP treats replayed
+trajectories as on-policy)."""
 
 
 @dataclass
@@ -37,9 +40,14 @@ class Sample:
     logp_source: LogpSource
     finish_reason: str
     policy_id: int = ON_POLICY
+    source: str = "policy"
+    """Who produced the completion: "policy" (this step's rollout), or the extra source that filled the slot:
+    "guide" (NPO), "teacher" (LUFFY), "experience" (ExGRPO), "replay" (RLEP)."""
     reward: float = 0.0
     gate_acc: float | None = None
     """On-policy accuracy of this sample's group over all n samples, before any slot was replaced."""
+    entropy: float | None = None
+    """Mean per-token entropy of the completion under the policy that trained on it (set by the update)."""
 
 
 @dataclass

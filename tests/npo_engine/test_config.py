@@ -112,8 +112,20 @@ def test_npo_checks_name_the_field_and_the_fix():
         load_config(None, ["mix.mode=npo", "run.steps=100", "npo.late_start=90"])
     with pytest.raises(ConfigError, match="needs an intervention"):
         load_config(None, ["mix.mode=npo", "npo.early=false"])
-    with pytest.raises(ConfigError, match="choose one of 'exact', 'none', 'decoupled'"):
-        load_config(None, ["mix.guide_is=luffy"])
+    with pytest.raises(ConfigError, match="choose one of 'exact', 'none', 'decoupled', 'luffy', 'exgrpo'"):
+        load_config(None, ["mix.guide_is=ppo"])
+    with pytest.raises(ConfigError, match=r"mix.guide_is = 'exact' is invalid: mix.mode = luffy weights its extra "
+                                          r"trajectories with one of \['luffy', 'none'\]"):
+        load_config(None, ["mix.mode=luffy", "mix.guide_is=exact"])
+    with pytest.raises(ConfigError, match=r"rlep.converged_run = None is invalid: .* give its run directory"):
+        load_config(None, ["mix.mode=rlep"])
+    with pytest.raises(ConfigError, match=r"rlep.replay = 8 is invalid: replayed slots must leave fresh ones"):
+        load_config(None, ["mix.mode=rlep", "rlep.converged_run=runs/demo", "rlep.replay=8"])
+    with pytest.raises(ConfigError, match=r"algo.dual_clip = 3.0 is invalid: .*clip_on_policy = false removes"):
+        load_config(None, ["algo.clip_on_policy=false", "algo.dual_clip=3"])
+    # Each mode's own guide weighting when mix.guide_is is unset.
+    assert [load_config(None, [f"mix.mode={mode}", "rlep.converged_run=r"]).mix.guide_weighting
+            for mode in ("npo", "luffy", "exgrpo", "rlep")] == ["exact", "luffy", "exgrpo", "none"]
     assert load_config(None, ["npo.late_start=90"]).mix.mode == "none"  # unused sections are not cross-checked
 
 
