@@ -1,10 +1,18 @@
 """The rollout contract: every backend (embedded, vLLM) takes token-id prompts and returns completions with
 their behaviour log-probs, and accepts new weights after each optimizer step.
 
-Behaviour log-probs are fp32 and come from the temperature-scaled distribution the token was sampled from,
-`log_softmax(logits / temperature)[token]`, before any top-k / top-p truncation, so they are directly
-comparable to the trainer's recomputed `logp` (which never truncates). With greedy decoding
-(`temperature == 0`) they are the log-probs of the untempered distribution.
+The behaviour log-prob of a token (fp32) is its log-prob under the distribution it was actually sampled from:
+the logits divided by the temperature, then truncated to the top-k tokens, then to the top-p nucleus of the
+renormalized rest (the order of HF and vLLM), then renormalized over the kept set:
+
+    behaviour_logp = log_softmax(truncate(logits / temperature, top_k, top_p))[token]
+
+Tokens outside the kept set are never sampled. With no truncation (`top_k == 0`, `top_p == 1`) this is the plain
+tempered `log_softmax(logits / temperature)[token]`; with greedy decoding (`temperature == 0`) it is the
+log-prob under the untempered full distribution, `log_softmax(logits)[token]`, and top-k / top-p do not apply.
+The embedded engine computes it in `sampling.py`; the vLLM engine takes vLLM's processed log-probs, which follow
+the same definition. A trainer comparing it with its own recomputed log-probs must score them on the same
+support (the same truncation).
 """
 
 from __future__ import annotations

@@ -143,6 +143,8 @@ class LlamaFamilyForward:
         mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         cache: PreallocatedCache,
+        *,
+        logits_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of the last position, fp32: (B, V).
 
@@ -150,6 +152,8 @@ class LlamaFamilyForward:
             input_ids, position_ids: (B, Q).
             mask: additive (B, 1, Q, K), 0 = may attend, -inf = masked; None = causal over the Q positions.
             cache: receives this forward's K/V and returns those attention reads (see `kv_cache`).
+            logits_out: optional (B, V) fp32 buffer the LM head writes into (used when the model is fp32, so
+                no vocabulary-sized tensor is allocated); the result is then this buffer.
         """
         base = self.model.model
         batch, q_len = input_ids.shape
@@ -177,7 +181,7 @@ class LlamaFamilyForward:
             x = _rms_norm(hidden, layer.post_attention_layernorm)
             gate, up = F.linear(x, *fused["gate_up"]).chunk(2, dim=-1)
             hidden = hidden + _linear(mlp.act_fn(gate) * up, mlp.down_proj)
-        return _linear(_rms_norm(hidden[:, -1], base.norm), self.model.lm_head).float()
+        return _lm_head(_rms_norm(hidden[:, -1], base.norm), self.model.lm_head, logits_out)
 
     def _rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for `position_ids` (B, Q), as HF's rotary module computes them: (B, 1, Q, D) each."""
@@ -235,6 +239,15 @@ def _decode_attention(
         scores = scores + mask  # (B, H_kv, G, K) + (B, 1, 1, K)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # fp32 softmax, as HF's eager path
     return torch.matmul(probs, v).view(batch, 1, heads_q, dim)
+
+
+def _lm_head(x: torch.Tensor, head: torch.nn.Linear, out: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits (B, V) of the final hidden states x (B, H), into `out` when it has the same dtype as x."""
+    if out is None or out.dtype != x.dtype:
+        return _linear(x, head).float()
+    if head.bias is None:
+        return torch.mm(x, head.weight.t(), out=out)
+    return torch.addmm(head.bias, x, head.weight.t(), out=out)
 
 
 def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:

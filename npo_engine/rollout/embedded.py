@@ -8,9 +8,9 @@ No `model.generate`: a short loop around the model's own weights, in three parts
 - `kv_cache.py`, the preallocated KV cache `[B, H_kv, W + max_new_tokens, D]` (`W` the widest prompt),
   written in place.
 - `sampling.py`, as pure functions: temperature, then top-k, then top-p on the renormalized top-k distribution
-  (the order of HF and vLLM), then one draw per row. Behaviour log-probs follow `base.py`:
-  `log_softmax(logits / T)` in fp32, before truncation; with `temperature == 0`, the argmax and the untempered
-  log-probs.
+  (the order of HF and vLLM), then one uniform per row on the cumulative distribution of the kept set.
+  Behaviour log-probs follow `base.py`: the log-prob under that tempered, truncated and renormalized
+  distribution, in fp32; with `temperature == 0`, the argmax and the untempered log-probs.
 
 This file is the engine, which drives them:
 
@@ -20,6 +20,10 @@ This file is the engine, which drives them:
 - **Bucketed, deduplicated prefill.** Distinct prompts are prefilled once each (a GRPO group of n copies costs
   one), in buckets of similar length so little compute goes to pads; each bucket's K/V land in its rows.
 - **Compaction.** Rows that stopped on EOS leave the batch (with their cache rows) once enough have stopped.
+- **No vocabulary-sized allocation per step.** The engine keeps its `[B, V]` logits buffer (the LM head writes
+  into it on the Llama-family path) and the sampler's `[B, V]` workspace from call to call, and the KV cache's
+  memory too (`kv_cache.CacheStorage`). On CPU a fresh block of that size is a fresh mmap, paid in page faults
+  and zeroing at every step: 78 MB per tensor at `128 × 151936`.
 
 Limits: full-attention layers only (no sliding windows). Rows of one batch are sampled together, so a row's
 draw depends on the seed and on the batch it was in.
@@ -39,7 +43,7 @@ import torch
 
 from npo_engine.rollout.base import FinishReason, RolloutOutput, SamplingParams
 from npo_engine.rollout.decoder import ATTENTION_NAME, LlamaFamilyForward, register_attention
-from npo_engine.rollout.kv_cache import PreallocatedCache
+from npo_engine.rollout.kv_cache import CacheStorage, PreallocatedCache
 from npo_engine.rollout.sampling import sample
 
 # Compact the batch once this fraction of its rows has stopped: each compaction copies the whole KV cache, so
@@ -95,6 +99,10 @@ class EmbeddedEngine:
         self._device = next(model.parameters()).device
         self._generator = torch.Generator(device=self._device).manual_seed(seed)
         self._eos = torch.tensor(self.eos_token_ids, device=self._device)
+        # Memory reused from batch to batch (module docstring): the KV cache's, the logits and the sampling
+        # workspace, each grown to the largest batch seen.
+        self._cache_storage = CacheStorage()
+        self._buffers: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------------------------------------- generation
 
@@ -135,19 +143,20 @@ class EmbeddedEngine:
         width = int(lengths.max())
         # The cache is left-padded to the longest prompt: row i holds its prompt in columns [width - n_i, width)
         # and its completion from column `width` on; other columns are masked keys.
-        cache = PreallocatedCache(self._num_layers, batch, width + max_new)
+        cache = PreallocatedCache(self._num_layers, batch, width + max_new, storage=self._cache_storage)
         columns = torch.arange(width + max_new, device=device)
         key_bias = _mask_to_bias(columns[None, :] >= (width - lengths)[:, None], self.model.dtype)  # (B, cap)
         logits = self._prefill(prompts, width, cache)  # (B, V) fp32
         cache.start_decoding(width)
 
+        workspace = self._buffer("sampling_workspace", batch, logits.shape[-1])
         out_tokens = torch.zeros(batch, max_new, dtype=torch.long, device=device)
         out_logp = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
         rows = torch.arange(batch, device=device)  # (B',) original index of each row still in the batch
         running = torch.ones(batch, dtype=torch.bool, device=device)  # (B',) no EOS yet
         next_position = lengths.clone()  # (B',) position id of the token fed next
         for step in range(max_new):
-            token, logp = sample(logits, params, generator)
+            token, logp = sample(logits, params, generator, workspace=workspace)
             out_tokens[rows, step] = token
             out_logp[rows, step] = logp
             running &= ~torch.isin(token, self._eos)
@@ -161,7 +170,7 @@ class EmbeddedEngine:
                 cache.select_rows(keep)
             column = width + step  # the cache column the fed token lands in
             decode_mask = key_bias[:, None, None, : column + 1]  # (B', 1, 1, column + 1), a view
-            logits = self._forward(token[:, None], decode_mask, next_position[:, None], cache)
+            logits = self._forward(token[:, None], decode_mask, next_position[:, None], cache, logits_out=True)
             next_position += 1
 
         # A row ends at its first EOS; stopped rows kept decoding until compaction, and those tokens are cut.
@@ -207,7 +216,7 @@ class EmbeddedEngine:
                 mask = _mask_to_bias(((causal & real_key[:, None, :]) | eye)[:, None], self.model.dtype)
             bucket_logits = self._forward(input_ids, mask, position_ids, cache)  # (b, V)
             if logits is None:
-                logits = bucket_logits.new_empty(len(prompts), bucket_logits.shape[-1])
+                logits = self._buffer("logits", len(prompts), bucket_logits.shape[-1])
             logits[dst] = bucket_logits.index_select(0, src)
         return logits
 
@@ -217,15 +226,22 @@ class EmbeddedEngine:
         mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         cache: PreallocatedCache,
+        *,
+        logits_out: bool = False,
     ) -> torch.Tensor:
         """Logits of the last position, fp32: (B, V).
 
         Args:
             input_ids, position_ids: (B, Q).
             mask: additive (B, 1, Q, K), 0 = may attend, -inf = masked; None = causal over the Q positions.
+            logits_out: write the logits into the engine's logits buffer (the Llama-family path; the result
+                is then overwritten by the next such forward).
         """
         if self._fast_forward is not None:
-            return self._fast_forward(input_ids, mask, position_ids, cache)
+            out = None
+            if logits_out:
+                out = self._buffer("logits", input_ids.shape[0], self.model.lm_head.weight.shape[0])
+            return self._fast_forward(input_ids, mask, position_ids, cache, logits_out=out)
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,  # a 4D mask is used as given
@@ -235,6 +251,13 @@ class EmbeddedEngine:
             logits_to_keep=1,
         )
         return out.logits[:, -1].float()
+
+    def _buffer(self, name: str, rows: int, vocab: int) -> torch.Tensor:
+        """The first `rows` rows of the engine's fp32 buffer `name` of width `vocab`, grown when too small."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != vocab:
+            buffer = self._buffers[name] = torch.empty(rows, vocab, dtype=torch.float32, device=self._device)
+        return buffer[:rows]
 
     # ----------------------------------------------------------------------------------------------- weights
 

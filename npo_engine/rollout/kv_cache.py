@@ -14,13 +14,33 @@ own HF forward use it too. Its life, in the engine's order:
   gets back views of the filled prefix `[0, length)`: nothing is concatenated or reallocated per step.
 - **Compaction.** `select_rows(rows)` keeps only some batch rows, in a given order.
 
-A cache serves one batch; the engine builds a new one per batch.
+A cache serves one batch; the engine builds a new one per batch, over memory it keeps from batch to batch
+(`CacheStorage`): the buffers are views of blocks allocated once and zeroed per batch, not fresh allocations
+(which on CPU are fresh pages to fault in at every rollout).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class CacheStorage:
+    """Memory for the K/V buffers of successive caches: one flat block per (layer, K or V), grown when a batch
+    needs more and otherwise reused. A cache built over it owns the memory until the next cache is built."""
+
+    def __init__(self):
+        self._blocks: dict[tuple[int, str], torch.Tensor] = {}
+
+    def zeros(self, key: tuple[int, str], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A zeroed contiguous tensor of `shape` with `like`'s dtype and device, in block `key`'s memory."""
+        numel = math.prod(shape)
+        block = self._blocks.get(key)
+        if block is None or block.numel() < numel or block.dtype != like.dtype or block.device != like.device:
+            block = self._blocks[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return block[:numel].view(shape).zero_()
 
 
 class PreallocatedLayer(CacheLayerMixin):
@@ -33,9 +53,10 @@ class PreallocatedLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, batch: int, capacity: int):
+    def __init__(self, batch: int, capacity: int, storage: CacheStorage | None = None, index: int = 0):
         super().__init__()
         self.batch, self.capacity = batch, capacity
+        self.storage, self.index = storage, index
         self.length = 0
         self.prefill_target: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
@@ -43,8 +64,13 @@ class PreallocatedLayer(CacheLayerMixin):
         # Zeros, not empty: columns left of a short prefill bucket are never written, and a masked key whose
         # value is NaN still poisons the attention output (0 * NaN).
         heads = key_states.shape[1]
-        self.keys = key_states.new_zeros(self.batch, heads, self.capacity, key_states.shape[-1])
-        self.values = value_states.new_zeros(self.batch, heads, self.capacity, value_states.shape[-1])
+        k_shape = (self.batch, heads, self.capacity, key_states.shape[-1])
+        v_shape = (self.batch, heads, self.capacity, value_states.shape[-1])
+        if self.storage is None:
+            self.keys, self.values = key_states.new_zeros(k_shape), value_states.new_zeros(v_shape)
+        else:
+            self.keys = self.storage.zeros((self.index, "k"), k_shape, key_states)
+            self.values = self.storage.zeros((self.index, "v"), v_shape, value_states)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -82,10 +108,11 @@ class PreallocatedLayer(CacheLayerMixin):
 
 
 class PreallocatedCache(Cache):
-    """A `Cache` of `PreallocatedLayer`s, one per decoder layer: B rows, `capacity` columns."""
+    """A `Cache` of `PreallocatedLayer`s, one per decoder layer: B rows, `capacity` columns; over `storage`'s
+    memory when given (which then must not back another cache still in use)."""
 
-    def __init__(self, num_layers: int, batch: int, capacity: int):
-        super().__init__(layers=[PreallocatedLayer(batch, capacity) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, batch: int, capacity: int, *, storage: CacheStorage | None = None):
+        super().__init__(layers=[PreallocatedLayer(batch, capacity, storage, i) for i in range(num_layers)])
 
     def prefill_into(self, src: torch.Tensor, dst: torch.Tensor, column: int) -> None:
         """Route the next forward's K/V rows `src` ([N] int64) to cache rows `dst` ([N]) from `column` on."""

@@ -18,6 +18,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCau
 from npo_engine.rollout.base import RolloutEngine, SamplingParams
 from npo_engine.rollout.decoder import LlamaFamilyForward
 from npo_engine.rollout.embedded import EmbeddedEngine
+from npo_engine.rollout.sampling import truncate
 
 VOCAB = 48
 PAD = 0
@@ -81,11 +82,16 @@ def _engine(model: torch.nn.Module, eos=NEVER, **kwargs) -> EmbeddedEngine:
     return EmbeddedEngine(copy.deepcopy(model), eos_token_id=eos, pad_token_id=PAD, **kwargs)
 
 
-def _teacher_forced_logp(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
-    """log_softmax(logits / T)[token] for each completion token, from one unpadded forward: (T,) fp32."""
+def _teacher_forced_logp(
+    model, prompt: list[int], completion: list[int], temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """The behaviour log-prob of each completion token as base.py defines it, from one unpadded forward:
+    log_softmax(truncate(logits / T))[token] (T = 0: untempered, untruncated), (T,) fp32."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt + completion])).logits[0].float()  # (P + T, V)
     logits = logits[len(prompt) - 1 : -1] / (temperature or 1.0)
+    if temperature:
+        logits = truncate(logits, top_k=top_k, top_p=top_p)
     return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
 
 
@@ -119,7 +125,8 @@ def test_logprobs_match_teacher_forced_forward(model, params):
     for i, (prompt, tokens, logp) in enumerate(zip(PROMPTS, out.token_ids, out.logprobs)):
         assert logp.dtype == torch.float32 and logp.shape == (len(tokens),)
         assert torch.isfinite(logp).all() and (logp <= 0).all()
-        ref = _teacher_forced_logp(model, prompt, tokens, params.temperature)
+        ref = _teacher_forced_logp(model, prompt, tokens, params.temperature, params.top_k, params.top_p)
+        assert torch.isfinite(ref).all()  # every token drawn lies in its step's kept set
         err = (logp - ref).abs()
         assert err.max() <= LOGP_ATOL, f"row {i}: worst token {int(err.argmax())}, error {err.max():.2e}"
 
@@ -188,12 +195,15 @@ def test_seeded_sampling_is_reproducible(model):
 
 
 def test_top_k_1_is_greedy(model):
+    """Top-k 1 draws greedy's tokens, each with probability 1 under the truncated distribution (log-prob 0),
+    where greedy reports the untempered full distribution's log-probs."""
     engine = _engine(model)
     greedy = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=0.0))
     top1 = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=1.0, top_k=1, seed=0))
     assert top1.token_ids == greedy.token_ids
     for a, b in zip(top1.logprobs, greedy.logprobs):
-        torch.testing.assert_close(a, b, atol=LOGP_ATOL, rtol=0)
+        assert torch.equal(a, torch.zeros_like(a))
+        assert (b < 0).all()
 
 
 def test_truncation_keeps_only_the_allowed_tokens(model):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from npo_engine.rollout.kv_cache import PreallocatedCache
+from npo_engine.rollout.kv_cache import CacheStorage, PreallocatedCache
 
 LAYERS, HEADS_KV, DIM = 2, 2, 4
 
@@ -109,3 +109,21 @@ def test_select_rows_keeps_rows_in_the_given_order():
         torch.testing.assert_close(k[:, :, :2], prompt_k[[2, 0]], rtol=0, atol=0)
         torch.testing.assert_close(v[:, :, :2], prompt_v[[2, 0]], rtol=0, atol=0)
         torch.testing.assert_close(k[:, :, 2:], step_k, rtol=0, atol=0)
+
+
+def test_caches_over_one_storage_reuse_its_memory_and_start_from_zeros():
+    """A second cache over the same storage writes into the first one's memory (no new allocation), starts
+    zeroed whatever the first left there, and a larger batch grows the storage."""
+    storage = CacheStorage()
+    first = PreallocatedCache(LAYERS, batch=2, capacity=5, storage=storage)
+    _update_all(first, *_kv(2, 5, seed=0))
+    second = PreallocatedCache(LAYERS, batch=2, capacity=4, storage=storage)
+    second.prefill_into(torch.tensor([0]), torch.tensor([1]), column=2)  # fills row 1, columns 2-3 only
+    _update_all(second, *_kv(1, 2, seed=1))
+    for a, b in zip(first.layers, second.layers):
+        assert b.keys.data_ptr() == a.keys.data_ptr() and b.values.data_ptr() == a.values.data_ptr()
+        assert b.keys.shape == (2, HEADS_KV, 4, DIM)
+        assert not b.keys[0].any() and not b.keys[1, :, :2].any() and b.keys[1, :, 2:].all()
+    bigger = PreallocatedCache(LAYERS, batch=4, capacity=5, storage=storage)
+    _update_all(bigger, *_kv(4, 5, seed=2))
+    assert bigger.layers[0].keys.shape == (4, HEADS_KV, 5, DIM)

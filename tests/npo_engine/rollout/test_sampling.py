@@ -1,5 +1,6 @@
 """Sampling on its own: the top-k / top-p masks against hand-computed examples, temperature, the draw's
-distribution and determinism, and behaviour log-probs as `base.py` defines them.
+distribution, boundaries and determinism, and behaviour log-probs as `base.py` defines them (the log-prob under
+the tempered, truncated, renormalized distribution the token was drawn from).
 
 The hand example is one row of four tokens with probabilities 0.1, 0.4, 0.2, 0.3, so by rank the tokens are
 1 (0.4), 3 (0.3), 2 (0.2), 0 (0.1); out of vocabulary order, so the masks are checked in the original order.
@@ -13,7 +14,14 @@ import pytest
 import torch
 
 from npo_engine.rollout.base import SamplingParams
-from npo_engine.rollout.sampling import behaviour_logprobs, draw, sample, tempered_logprobs, truncate
+from npo_engine.rollout.sampling import (
+    behaviour_logprobs,
+    draw,
+    invert_running_sums,
+    sample,
+    tempered_logprobs,
+    truncate,
+)
 
 PROBS = torch.tensor([[0.1, 0.4, 0.2, 0.3]])
 LOGP = PROBS.log()
@@ -63,12 +71,50 @@ def test_temperature_scales_the_logits_before_the_softmax():
 
 def test_draw_follows_the_truncated_distribution():
     """20,000 draws from the hand example with top-k 3 and top-p 0.75, which keeps tokens 1 and 3 at
-    0.4 / 0.7 = 4/7 and 0.3 / 0.7 = 3/7. Seeded, so the counts are fixed; 0.015 is over 4 standard errors."""
+    0.4 / 0.7 = 4/7 and 0.3 / 0.7 = 3/7. Seeded, so the counts are fixed; 0.015 is over 4 standard errors
+    (sqrt(4/7 * 3/7 / 20000) = 0.0035). Truncated tokens are never drawn, and each draw's log-prob is that of
+    the renormalized distribution."""
     rows = 20_000
     kept = truncate(LOGP.expand(rows, -1), top_k=3, top_p=0.75)
-    tokens = draw(kept, torch.Generator().manual_seed(0))
-    freq = torch.bincount(tokens, minlength=4).float() / rows
-    torch.testing.assert_close(freq, torch.tensor([0.0, 4 / 7, 0.0, 3 / 7]), rtol=0, atol=0.015)
+    tokens, logp = draw(kept, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=4)
+    assert counts[0] == 0 and counts[2] == 0
+    torch.testing.assert_close(counts.float() / rows, torch.tensor([0.0, 4 / 7, 0.0, 3 / 7]), rtol=0, atol=0.015)
+    expected = torch.tensor([math.log(4 / 7), math.log(3 / 7)])[(tokens == 3).long()]
+    torch.testing.assert_close(logp, expected, rtol=0, atol=1e-6)
+
+
+def test_draw_matches_the_distribution_over_a_large_vocabulary():
+    """One row of 4096 tokens with a peaked softmax (a few tokens hold most mass, a long tail the rest),
+    100,000 draws; the frequencies of the 5 most likely tokens and of the tail as a whole agree with the
+    softmax within 5 standard errors (at most 0.0079 for p = 0.5), and no -inf token is ever drawn."""
+    vocab, rows = 4096, 100_000
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(3)) * 2
+    logits[:5] = torch.tensor([12.0, 11.5, 11.0, 10.0, 9.0])
+    logits[-100:] = float("-inf")  # at the end of the row, where a draw past the total would land
+    probs = torch.softmax(logits, dim=-1)
+    batch = logits.expand(20_000, -1)
+    tokens = torch.cat([draw(batch, torch.Generator().manual_seed(seed))[0] for seed in range(5)])
+    assert tokens.numel() == rows and int(tokens.max()) < vocab - 100
+    counts = torch.bincount(tokens, minlength=vocab).double() / rows
+    expected = torch.cat([probs[:5], probs[5:].sum()[None]]).double()
+    observed = torch.cat([counts[:5], counts[5:].sum()[None]])
+    tolerance = 5 * (expected * (1 - expected) / rows).sqrt()
+    assert ((observed - expected).abs() <= tolerance).all(), (observed, expected)
+
+
+def test_inverting_the_running_sums_stays_on_kept_tokens_at_the_boundaries():
+    """Quantile 0 gives the first token with mass, the largest fp32 uniform below 1 the last one; tokens of
+    zero mass (equal running sums) are never picked, however the quantile falls."""
+    # Unnormalized masses 0, 2, 0, 1, 0: running sums 0, 2, 2, 3, 3.
+    running = torch.tensor([[0.0, 2.0, 2.0, 3.0, 3.0]]).expand(5, -1).contiguous()
+    almost_one = 1.0 - 2.0**-24
+    uniform = torch.tensor([0.0, 0.5, 2 / 3, almost_one, 1.0])  # 1.0 itself is capped below the total
+    assert invert_running_sums(running, uniform).tolist() == [1, 1, 3, 3, 3]
+    # Exactly at a boundary (u * total == 2): the draw moves past it, to the next token with mass.
+    assert invert_running_sums(running[:1], torch.tensor([2 / 3 - 1e-7])).tolist() == [1]
+    for u in torch.linspace(0, almost_one, 1001):
+        assert invert_running_sums(running[:1], u[None]).item() in (1, 3)
 
 
 def test_seeded_sampling_is_deterministic():
@@ -89,27 +135,57 @@ def test_seeded_sampling_is_deterministic():
     "params",
     [
         SamplingParams(max_new_tokens=1, temperature=1.0),
+        SamplingParams(max_new_tokens=1, temperature=0.6),
         SamplingParams(max_new_tokens=1, temperature=0.7, top_k=3, top_p=0.8),
         SamplingParams(max_new_tokens=1, temperature=1.5, top_p=0.5),
     ],
-    ids=["T1", "T0.7-topk3-topp0.8", "T1.5-topp0.5"],
+    ids=["T1", "T0.6", "T0.7-topk3-topp0.8", "T1.5-topp0.5"],
 )
-def test_behaviour_logprobs_are_of_the_tempered_distribution_before_truncation(params):
+def test_behaviour_logprobs_are_of_the_truncated_renormalized_distribution(params):
     """The token is drawn from the truncated distribution, and its log-prob is
-    `log_softmax(logits / T)[token]` over the whole vocabulary, as base.py defines behaviour log-probs."""
+    `log_softmax(truncate(logits / T))[token]`, as base.py defines behaviour log-probs; without truncation
+    that is the plain tempered log-softmax."""
     logits = torch.randn(256, 12, generator=torch.Generator().manual_seed(0))
     token, logp = sample(logits, params, torch.Generator().manual_seed(0))
 
     tempered = torch.log_softmax(logits / params.temperature, dim=-1)
-    assert logp.dtype == torch.float32 and token.dtype == torch.int64
-    torch.testing.assert_close(logp, tempered.gather(1, token[:, None]).squeeze(1), rtol=0, atol=0)
-    assert torch.equal(logp, behaviour_logprobs(logits, token, params.temperature))
     kept = truncate(tempered, top_k=params.top_k, top_p=params.top_p)
+    assert logp.dtype == torch.float32 and token.dtype == torch.int64
     assert torch.isfinite(kept.gather(1, token[:, None])).all()  # never a truncated-away token
+    renormalized = torch.log_softmax(kept, dim=-1).gather(1, token[:, None]).squeeze(1)
+    torch.testing.assert_close(logp, renormalized, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        behaviour_logprobs(logits, token, params.temperature, top_k=params.top_k, top_p=params.top_p),
+        logp, rtol=0, atol=1e-6,
+    )
+    plain = tempered.gather(1, token[:, None]).squeeze(1)
     if params.top_k or params.top_p < 1:
-        # Not the renormalized truncated distribution: a truncated row's kept tokens have more mass there.
-        renormalized = torch.log_softmax(kept, dim=-1).gather(1, token[:, None]).squeeze(1)
-        assert (renormalized > logp).any()
+        assert (logp > plain + 1e-3).any()  # truncation moved mass onto the kept tokens
+    else:
+        torch.testing.assert_close(logp, plain, rtol=0, atol=1e-6)
+
+
+def test_behaviour_logprobs_on_a_hand_example():
+    """Probabilities 0.1, 0.4, 0.2, 0.3 at T = 1/2 become p^2 / sum p^2 = 1/30, 16/30, 4/30, 9/30; top-k 2
+    keeps tokens 1 and 3, renormalized to 16/25 and 9/25; top-p 0.6 on those keeps token 1 alone (prob 1).
+    Without truncation the tempered probabilities stand; at T = 0 the untempered ones, truncation ignored."""
+    logits = LOGP + 5.0  # any shift: only the softmax matters
+    tokens = torch.tensor([[1, 3, 0]])
+    cases = [
+        (0.5, 2, 1.0, [16 / 25, 9 / 25, 0.0]),
+        (0.5, 2, 0.6, [1.0, 0.0, 0.0]),
+        (0.5, 0, 1.0, [16 / 30, 9 / 30, 1 / 30]),
+        (1.0, 0, 0.75, [0.4 / 0.9, 0.3 / 0.9, 0.0]),  # mass before token 2 is 0.7 < 0.75: it stays
+        (0.0, 2, 0.5, [0.4, 0.3, 0.1]),
+    ]
+    for temperature, top_k, top_p, probs in cases:
+        logp = behaviour_logprobs(logits.expand(1, 3, -1), tokens, temperature, top_k=top_k, top_p=top_p)
+        torch.testing.assert_close(logp.exp(), torch.tensor([probs]), rtol=0, atol=1e-6)
+    # What `sample` returns for the token it drew is that same number.
+    params = SamplingParams(max_new_tokens=1, temperature=0.5, top_k=2)
+    token, logp = sample(logits.expand(4000, -1), params, torch.Generator().manual_seed(0))
+    assert set(token.tolist()) == {1, 3}
+    torch.testing.assert_close(logp.exp(), torch.where(token == 1, 16 / 25, 9 / 25), rtol=0, atol=1e-6)
 
 
 def test_greedy_takes_the_argmax_with_untempered_logprobs_and_no_randomness():
