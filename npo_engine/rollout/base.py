@@ -87,16 +87,16 @@ class RolloutEngine(Protocol):
     def load_buckets(self, buckets: Iterable[WeightBucket], *, verify: bool = True) -> list[int]:
         """Load every tensor of every bucket (the trainer's weights, cast to the engine's dtype) in one sync.
 
-        Buckets arrive lazily, in order. Memory: if the engine sets `releases_buckets = True` it promises to hold
-        no reference into a bucket's `data` once it asks the iterator for the next bucket (the embedded engine
-        copies in place), and the sender may then reuse that memory for the next bucket; otherwise every bucket
-        stays valid until `load_buckets` returns.
+        Buckets arrive lazily, in order. Memory: an engine that sets `releases_buckets = True` promises to
+        hold no reference into a bucket's `data` once it asks the iterator for the next bucket (the embedded
+        engine copies in place), and the sender may then reuse that memory for the next bucket; otherwise
+        every bucket stays valid until `load_buckets` returns.
 
-        With `verify`, returns one 64-bit fingerprint per bucket, in order, computed on the receiving side with
-        `npo_engine.sync.bucket_fingerprint` (or its per-tensor form, `FingerprintBlocks`): of the engine's own
-        weights laid out as the bucket says, read back after the copy, where the engine holds them one to one
-        (embedded); else of the bytes it received. Without `verify`, returns []. The caller compares them with
-        `WeightBucket.fingerprint`.
+        With `verify`, returns one 64-bit fingerprint per bucket, in order, computed on the receiving side
+        with `npo_engine.sync.bucket_fingerprint` (or its per-tensor form, `FingerprintBlocks`): of the
+        engine's own weights laid out as the bucket says, read back after the copy, where the engine holds
+        them one to one (embedded); else of the bytes it received. Without `verify`, returns []. The caller
+        compares them with `WeightBucket.fingerprint`.
 
         If it raises, the engine may hold a mix of old and new weights; the caller marks it stale.
         """
@@ -104,11 +104,11 @@ class RolloutEngine(Protocol):
 
     def score(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]], *,
               temperature: float = 1.0) -> list[torch.Tensor]:
-        """Per-token fp32 log-probs of each given completion after its prompt, under the engine's current weights.
+        """Per-token fp32 log-probs of each given completion after its prompt, under the current weights.
 
-        `log_softmax(logits / temperature)[token]` over the full vocabulary (no top-k / top-p), `temperature == 0`
-        meaning 1 as in `generate`; row i has shape [len(completion_token_ids[i])]. The weight sync's parity
-        probe compares these with the trainer's log-probs of the same tokens.
+        `log_softmax(logits / temperature)[token]` over the full vocabulary (no top-k / top-p),
+        `temperature == 0` meaning 1 as in `generate`; row i has shape [len(completion_token_ids[i])]. The
+        weight sync's parity probe compares these with the trainer's log-probs of the same tokens.
         """
         ...
 
@@ -148,15 +148,16 @@ class WeightBucket:
     data: torch.Tensor
     """1-D uint8, contiguous, on the trainer's device; its length is a multiple of `BUCKET_ALIGN`."""
     entries: tuple[BucketEntry, ...]
-    fingerprint: int
-    """The sender's 64-bit fingerprint of `data` (`npo_engine.sync.fingerprint`), in [0, 2**64)."""
+    fingerprint: int | None
+    """The sender's 64-bit fingerprint of `data` (`npo_engine.sync.bucket_fingerprint`), in [0, 2**64); None
+    when the sync runs without verification."""
     index: int
     """Position of this bucket in its sync, from 0."""
     count: int
     """How many buckets this sync sends."""
 
     def views(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) for every entry: views into `data`, no copies. Valid while the bucket's memory is (see
-        `RolloutEngine.load_buckets`)."""
+        """(name, tensor) for every entry: views into `data`, no copies. Valid while the bucket's memory is
+        (see `RolloutEngine.load_buckets`)."""
         for e in self.entries:
             yield e.name, self.data[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape)

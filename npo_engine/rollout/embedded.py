@@ -41,7 +41,7 @@ from collections.abc import Iterable
 
 import torch
 
-from npo_engine.rollout.base import FinishReason, RolloutOutput, SamplingParams
+from npo_engine.rollout.base import FinishReason, RolloutOutput, SamplingParams, WeightBucket
 from npo_engine.rollout.decoder import ATTENTION_NAME, LlamaFamilyForward, register_attention
 from npo_engine.rollout.kv_cache import CacheStorage, PreallocatedCache
 from npo_engine.rollout.sampling import sample
@@ -284,6 +284,68 @@ class EmbeddedEngine:
                     )
                 target.copy_(tensor)
         self.weights_version += 1
+
+    # Bucketed sync (`base.RolloutEngine.load_buckets`): each bucket is copied into the parameters before the next
+    # is asked for, so the sender may reuse one buffer for all of them.
+    releases_buckets = True
+
+    def load_buckets(self, buckets: Iterable[WeightBucket], *, verify: bool = True) -> list[int]:
+        """Copy every entry of every bucket into the parameter of that name, in place (one kernel call per bucket,
+        `npo_engine.sync.ops.unpack`). With `verify`, each bucket's fingerprint is computed from the parameters'
+        own memory, read back after the copy at the entries' offsets: what this engine holds, in bucket layout.
+
+        Raises KeyError for an unknown name and ValueError for a shape or dtype mismatch, before that bucket's
+        copy; earlier buckets stay copied (the sync marks the engine stale)."""
+        from npo_engine.sync import ops
+        from npo_engine.sync.fingerprints import FingerprintBlocks
+
+        kernels = ops.get()
+        targets = self.model.state_dict(keep_vars=True)  # names resolved once per sync, not per tensor
+        received: list[int] = []
+        with torch.no_grad():
+            for bucket in buckets:
+                views, dsts = [], []
+                for (name, view), entry in zip(bucket.views(), bucket.entries):
+                    target = targets.get(name)
+                    if target is None:
+                        raise KeyError(f"load_buckets: {name!r} is not a parameter or buffer of the engine's model "
+                                       f"({type(self.model).__name__}); names must match model.state_dict() keys")
+                    if target.shape != view.shape or target.dtype != view.dtype:
+                        raise ValueError(
+                            f"load_buckets: {name!r} arrived as {tuple(view.shape)} {view.dtype}, the engine holds "
+                            f"{tuple(target.shape)} {target.dtype}; send full tensors in the engine's dtype")
+                    views.append(view)
+                    dsts.append(target.data)
+                sums = FingerprintBlocks(bucket.data.numel(), device=bucket.data.device) if verify else None
+                kernels.unpack(bucket.data, views, dsts, sums.sums if sums else None)
+                if sums:
+                    received.append(sums.value())
+        self.weights_version += 1
+        return received
+
+    def score(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]], *,
+              temperature: float = 1.0) -> list[torch.Tensor]:
+        """fp32 log-probs of each completion's tokens after its prompt (`base.RolloutEngine.score`): one
+        right-padded forward of the model the engine samples from."""
+        if len(prompt_token_ids) != len(completion_token_ids):
+            raise ValueError(f"score: {len(prompt_token_ids)} prompts for {len(completion_token_ids)} completions")
+        rows = [list(p) + list(c) for p, c in zip(prompt_token_ids, completion_token_ids)]
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for b, row in enumerate(rows):
+            input_ids[b, : len(row)] = torch.tensor(row)
+            attention_mask[b, : len(row)] = 1
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids.to(self._device),
+                                attention_mask=attention_mask.to(self._device)).logits.float()
+            logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)  # (B, L, V)
+        out = []
+        for b, (prompt, completion) in enumerate(zip(prompt_token_ids, completion_token_ids)):
+            p, c = len(prompt), len(completion)
+            targets = torch.tensor(list(completion), dtype=torch.long, device=logp.device)
+            out.append(logp[b, p - 1 : p + c - 1].gather(1, targets[:, None]).squeeze(1).cpu())
+        return out
 
 
 def _mask_to_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
