@@ -248,7 +248,8 @@ class LogprobModel(torch.nn.Module):
         self.kernel_backend = kernel_backend
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor, *,
-                temperature: float = 1.0, return_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                return_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs of the tokens of `input_ids` selected by `target_mask`, each given the tokens before it.
 
         Args:
@@ -256,6 +257,8 @@ class LogprobModel(torch.nn.Module):
             attention_mask: [B, L] 1 on real tokens.
             target_mask: [B, L] bool, the positions whose token is scored (never position 0).
             temperature: the sampling temperature; logits are divided by it.
+            top_k, top_p: the sampling truncation; when on, log-probs (and entropy) are those of the truncated,
+                renormalized distribution, as the rollout's behaviour log-probs are (`rollout/base.py`).
 
         Returns:
             logp [B, L] fp32 (0 where not scored), entropy [B, L] fp32 of the predicting distribution or None.
@@ -270,12 +273,44 @@ class LogprobModel(torch.nn.Module):
         rows = hidden[:, :-1][scored]  # [N, H]
         targets = input_ids[:, 1:][scored]  # [N]
         head = self.lm.get_output_embeddings()
-        out = fused_linear_logprob(rows, head.weight, targets, bias=head.bias, temperature=temperature,
-                                   return_entropy=return_entropy, backend=self.kernel_backend)
-        logp_rows, entropy_rows = out if return_entropy else (out, None)
+        if top_k > 0 or top_p < 1.0:
+            logp_rows, entropy_rows = _truncated_logprobs(head(rows), targets, temperature, top_k, top_p)
+        else:
+            out = fused_linear_logprob(rows, head.weight, targets, bias=head.bias, temperature=temperature,
+                                       return_entropy=return_entropy, backend=self.kernel_backend)
+            logp_rows, entropy_rows = out if return_entropy else (out, None)
         logp = _scatter_rows(logp_rows, scored)
         entropy = _scatter_rows(entropy_rows, scored) if return_entropy else None
         return logp, entropy
+
+
+def _truncated_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, top_k: int,
+                        top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob and entropy of each target under the truncated sampling distribution: the rollout's kept set
+    (`rollout.sampling.truncate`, the one definition) replayed on these logits, then renormalized over it.
+
+    The kept set is a choice, not a function to differentiate: it is computed without gradient, and the
+    gradient flows through the log-softmax over the kept tokens. The target always stays in the set: the
+    engine's logits can differ from these by rounding, so a token it drew at the edge of its nucleus may fall
+    just outside ours, and scoring it -inf would zero its ratio instead of measuring it. This path holds all
+    [N, V] logits (the fused kernels cannot truncate), so truncated sampling costs memory at large vocabularies.
+
+    Args:
+        logits: [N, V] the head's output; targets: [N].
+    Returns:
+        logp [N] fp32, entropy [N] fp32.
+    """
+    from npo_engine.rollout.sampling import truncate
+
+    scaled = logits.float() / temperature
+    with torch.no_grad():
+        kept = torch.isfinite(truncate(scaled.detach(), top_k=top_k, top_p=top_p))
+        kept.scatter_(1, targets[:, None], True)
+    logp_all = torch.log_softmax(scaled.masked_fill(~kept, float("-inf")), dim=-1)
+    logp = logp_all.gather(1, targets[:, None])[:, 0]
+    probs = logp_all.exp()
+    entropy = -(probs * logp_all.masked_fill(~kept, 0.0)).sum(-1)
+    return logp, entropy
 
 
 def _scatter_rows(rows: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
