@@ -17,7 +17,7 @@ from npo_engine.errors import UserError
 
 
 __all__ = ["AlgoConfig", "CheckpointConfig", "ConfigError", "DataConfig", "KernelConfig", "LoggingConfig",
-           "AutoNPOConfig", "MixConfig", "ModelConfig", "NPOConfig", "OptimConfig", "RewardConfig", "RolloutConfig", "RunConfig",
+           "AutoNPOConfig", "MixConfig", "ModelConfig", "NPOConfig", "OptimConfig", "RewardConfig", "RolloutConfig", "RunConfig", "SyncConfig",
            "TrainConfig", "TeacherConfig", "ExGRPOConfig", "RLEPConfig", "GuideIS"]
 
 
@@ -260,14 +260,6 @@ class MixConfig:
     guide_is: GuideIS | None = None
     """Weighting of guide (off-policy) tokens; null = the mode's own (npo, autonpo: exact; luffy: luffy; exgrpo:
     exgrpo; rlep: none). exact = pi_theta / pi_guide with the recorded guide log-probs and the PPO clip;
-    mismatch_correction: Literal["none", "tis", "mask"] = "none"
-    """Correct the policy gradient for train/inference mismatch by each on-policy token's ratio rho =
-    pi_trainer / pi_engine of the weights that sampled it (needs rollout.behavior_logp = recompute): tis
-    multiplies the token's loss by min(rho, mismatch_threshold) (truncated importance sampling, verl's
-    tis_imp_ratio_cap); mask drops tokens with rho outside [1/threshold, threshold] (masked IS). none only
-    measures it (mismatch/logp_abs, mismatch/ratio_max, mismatch/corrected_frac)."""
-    mismatch_threshold: float = 2.0
-    """The cap C > 1 of mismatch_correction (verl's TIS default: 2)."""
     none = treated as on-policy (pi_theta / pi_old recomputed on the guide tokens); decoupled = the PPO clip on
     pi_theta / pi_old times the truncated weight min(pi_old / pi_guide, decoupled_cap); luffy = -A * p / (p +
     shaping_gamma) with p = pi_theta, no clip (LUFFY's policy shaping, pi_guide taken as 1); exgrpo = -A * w /
@@ -282,8 +274,6 @@ class MixConfig:
         _check(0.0 <= self.gate <= 1.0, "mix.gate", self.gate,
                "the gate is a group-accuracy threshold; use a value in [0, 1] (paper: 0.6)")
         _check(self.decoupled_cap >= 1.0, "mix.decoupled_cap", self.decoupled_cap,
-        _check(self.mismatch_threshold > 1, "algo.mismatch_threshold", self.mismatch_threshold,
-               "use a cap > 1, e.g. 2")
                "use a truncation level >= 1, e.g. 2")
         _check(self.shaping_gamma > 0, "mix.shaping_gamma", self.shaping_gamma, "use a value > 0 (LUFFY: 0.1)")
         allowed = ALLOWED_GUIDE_IS[self.mode]
@@ -533,57 +523,6 @@ class KernelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunConfig:
-    """The run as a whole."""
-
-    name: str = "demo"
-    """Run name: the run directory is runs_dir/name unless --run-dir is given."""
-    runs_dir: str = "runs"
-    """Parent directory of run directories."""
-    steps: int = 300
-    """Optimizer steps to train."""
-    seed: int = 0
-    """Seed of data order, sampling and initialization; every rank derives its own streams from it."""
-    cpu_threads: int = 1
-    """Torch CPU threads per process when training on the CPU (0 keeps torch's default). The demo model is too
-    small to gain from more, and oversubscribed cores slow every step down many times over."""
-
-    def __post_init__(self) -> None:
-        _check(self.steps >= 0, "run.steps", self.steps, "use a count >= 0")
-        _check(self.cpu_threads >= 0, "run.cpu_threads", self.cpu_threads, "use a count >= 0 (0 = torch default)")
-        _check(bool(self.name) and "/" not in self.name, "run.name", self.name, "use a plain non-empty name")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Everything a training run needs; `npo train --print-config` shows it resolved."""
-
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    kernels: KernelConfig = field(default_factory=KernelConfig)
-    mix: MixConfig = field(default_factory=MixConfig)
-    npo: NPOConfig = field(default_factory=NPOConfig)
-    autonpo: AutoNPOConfig = field(default_factory=AutoNPOConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    exgrpo: ExGRPOConfig = field(default_factory=ExGRPOConfig)
-    rlep: RLEPConfig = field(default_factory=RLEPConfig)
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # sections check their own floats first; this covers any others
-            _check_finite(getattr(self, f.name), f.name)
-        if self.mix.mode == "autonpo":
-            self._check_autonpo()
-        if self.mix.mode == "rlep":
-            _check(self.rlep.converged_run is not None, "rlep.converged_run", None,
-                   "mix.mode = rlep replays a finished run: give its run directory, e.g. runs/demo (produced by "
-@dataclass(frozen=True, kw_only=True)
 class SyncConfig:
     """Weight sync from the trainer into the rollout engines (policy after every step, guide at each change); see
     `npo_engine.sync`."""
@@ -619,6 +558,59 @@ class SyncConfig:
         _check(self.probe_tokens >= 1, "sync.probe_tokens", self.probe_tokens, "use a count >= 1")
 
 
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The run as a whole."""
+
+    name: str = "demo"
+    """Run name: the run directory is runs_dir/name unless --run-dir is given."""
+    runs_dir: str = "runs"
+    """Parent directory of run directories."""
+    steps: int = 300
+    """Optimizer steps to train."""
+    seed: int = 0
+    """Seed of data order, sampling and initialization; every rank derives its own streams from it."""
+    cpu_threads: int = 1
+    """Torch CPU threads per process when training on the CPU (0 keeps torch's default). The demo model is too
+    small to gain from more, and oversubscribed cores slow every step down many times over."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "run.steps", self.steps, "use a count >= 0")
+        _check(self.cpu_threads >= 0, "run.cpu_threads", self.cpu_threads, "use a count >= 0 (0 = torch default)")
+        _check(bool(self.name) and "/" not in self.name, "run.name", self.name, "use a plain non-empty name")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything a training run needs; `npo train --print-config` shows it resolved."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    npo: NPOConfig = field(default_factory=NPOConfig)
+    autonpo: AutoNPOConfig = field(default_factory=AutoNPOConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    exgrpo: ExGRPOConfig = field(default_factory=ExGRPOConfig)
+    rlep: RLEPConfig = field(default_factory=RLEPConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # sections check their own floats first; this covers any others
+            _check_finite(getattr(self, f.name), f.name)
+        if self.mix.mode == "autonpo":
+            self._check_autonpo()
+        if self.mix.mode == "rlep":
+            _check(self.rlep.converged_run is not None, "rlep.converged_run", None,
+                   "mix.mode = rlep replays a finished run: give its run directory, e.g. runs/demo (produced by "
                    "`npo train --config configs/demo.yaml`)")
             _check(self.rlep.replay < self.rollout.group_size, "rlep.replay", self.rlep.replay,
                    f"replayed slots must leave fresh ones in a group of rollout.group_size = "
@@ -651,9 +643,3 @@ class SyncConfig:
         _check(keep >= needed, "checkpoint.keep_last", keep,
                f"AutoNPO rolls back up to {max(distances)} steps with a checkpoint every {every}: keep at least "
                f"{needed} checkpoints")
-    sync: SyncConfig = field(default_factory=SyncConfig)
-    vllm: VLLMConfig = field(default_factory=VLLMConfig)
-        _check(self.algo.mismatch_correction == "none" or self.rollout.behavior_logp == "recompute",
-               "algo.mismatch_correction", self.algo.mismatch_correction,
-               "the correction compares the engine's log-probs with the trainer's recomputation; set "
-               "rollout.behavior_logp = recompute, or use none")

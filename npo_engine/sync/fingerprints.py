@@ -83,7 +83,8 @@ def combine(block_sums: torch.Tensor) -> int:
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's bytes as a 1-D uint8 view (no copy)."""
     if not tensor.is_contiguous():
-        raise ValueError(f"as_bytes needs a contiguous tensor, got strides {tensor.stride()} for {tuple(tensor.shape)}")
+        raise ValueError(f"as_bytes needs a contiguous tensor, got strides {tensor.stride()} for "
+                         f"{tuple(tensor.shape)}")
     flat = tensor.reshape(-1)
     return flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
 
@@ -91,7 +92,7 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 def block_sums_add_ref(block_sums: torch.Tensor, data: torch.Tensor, byte_offset: int) -> None:
     """The fallback of `FingerprintBlocks.add`: add the words of `data` (any contiguous tensor, its bytes placed at
     `byte_offset`, a multiple of 4) to `block_sums` ([nblocks] int64, uint64 bits, on the CPU) in place."""
-    raw = as_bytes(data)
+    raw = as_bytes(data.contiguous())  # a strided tensor counts as its row-major bytes
     if raw.numel() % 4:
         raw = torch.cat([raw, raw.new_zeros(4 - raw.numel() % 4)])
     words = raw.view(torch.int32)

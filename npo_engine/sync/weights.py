@@ -339,6 +339,31 @@ class WeightSync:
 # ----------------------------------------------------------------------------------------- one-call helpers
 
 
+def policy_logprob_fn(policy: nn.Module, *, device: torch.device, pad_token_id: int,
+                      temperature: float) -> LogprobFn:
+    """The trainer's side of the probe: `policy` is a `models.LogprobModel` (sharded or not); the log-probs are
+    tempered and untruncated, as `RolloutEngine.score`'s. Collective under FSDP, like the sync: every rank scores
+    the same probe batch."""
+
+    @torch.no_grad()
+    def logprobs(prompts: list[list[int]], completions: list[list[int]]) -> list[torch.Tensor]:
+        rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for b, (p, row) in enumerate(zip(prompts, rows)):
+            input_ids[b, : len(row)] = torch.tensor(row)
+            attention_mask[b, : len(row)] = 1
+            target_mask[b, len(p) : len(row)] = True
+        logp, _ = policy(input_ids.to(device), attention_mask.to(device), target_mask.to(device),
+                         temperature=temperature or 1.0)
+        return [row[m].float().cpu() for row, m in zip(logp, target_mask.to(device))]
+
+    return logprobs
+
+
+
 def push_weights(model: nn.Module, engine: RolloutEngine, *, dtype: torch.dtype | None = None,
                  bucket_bytes: int | None = None, verify: bool = True, role: str = "policy",
                  step: int | None = None) -> dict[str, float]:

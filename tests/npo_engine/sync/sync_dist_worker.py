@@ -3,7 +3,8 @@
 Each rank builds the same tiny tied-embedding Qwen2 (vocabulary 37, so the embedding shards unevenly), keeps an
 unsharded copy as the reference, builds two colocated engines as the Trainer does (fp32 and bf16 deep copies),
 then shards the policy with `npo_engine.distributed.shard_model` (FSDP2, gloo) and takes one SGD step on its
-own batch. `push_weights` then fills both engines.
+own batch. `push_weights` then fills both engines (counting its all-gathers), and a `WeightSync` with the
+probe through the sharded policy syncs the fp32 engine again.
 
 The reference takes the same SGD step unsharded, on both ranks' batches. Whether FSDP2 averages or sums the
 ranks' gradients is `shard_model`'s choice (the trainer's loss normalizer depends on it), not the sync's, so the
@@ -21,13 +22,14 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers import Qwen2ForCausalLM
 
 from npo_engine.distributed import decoder_layers, init_distributed, shard_model, shutdown_distributed
 from npo_engine.models import LogprobModel, demo_model_config
 from npo_engine.rollout.embedded import EmbeddedEngine
-from npo_engine.sync import fingerprint, push_weights
+from npo_engine.sync import SyncSettings, WeightSync, fingerprint, policy_logprob_fn, push_weights
 
 VOCAB = 37
 EOS, PAD = 1, 0
@@ -41,10 +43,30 @@ class RecordingEngine(EmbeddedEngine):
         super().__init__(*args, **kwargs)
         self.received: list[str] = []
 
-    def update_weights(self, named_tensors):
-        named_tensors = list(named_tensors)
-        self.received += [name for name, _ in named_tensors]
-        super().update_weights(named_tensors)
+    def load_buckets(self, buckets, *, verify=True):
+        def record():
+            for bucket in buckets:
+                self.received += [e.name for e in bucket.entries]
+                yield bucket
+        return super().load_buckets(record(), verify=verify)
+
+
+class CountingGathers:
+    """Counts the sync's all-gathers (one per group of shards, not one per parameter)."""
+
+    def __init__(self):
+        self.calls = 0
+        self._original = dist.all_gather_into_tensor
+
+    def __enter__(self):
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self._original(*args, **kwargs)
+        dist.all_gather_into_tensor = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_gather_into_tensor = self._original
 
 
 def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,7 +113,8 @@ def main(out: Path) -> None:
         torch.optim.SGD(ref_policy.parameters(), lr=LR).step()
         references[reduction] = model.state_dict()
 
-    push_weights(lm, engine32)
+    with CountingGathers() as gathers:
+        push_weights(lm, engine32)
     push_weights(lm, engine16, dtype=torch.bfloat16)
 
     got32, got16 = engine32.model.state_dict(), engine16.model.state_dict()
@@ -117,7 +140,14 @@ def main(out: Path) -> None:
             for e in (engine32, engine16)
         ),
         "fingerprint": fingerprint(got32),
+        "all_gathers": gathers.calls,
     }
+    # The probe through the sharded policy (collective): a faithful engine passes it. (Its forward leaves the
+    # root's parameters unsharded, as any forward does; the sync reads them as full tensors then.)
+    probe = WeightSync(engine32, "policy", dtype=None, config=SyncSettings(probe_every=1),
+                       trainer_logprobs=policy_logprob_fn(policy, device=torch.device("cpu"), pad_token_id=PAD,
+                                                          temperature=1.0)).push(lm, step=1)
+    report["probe_logp_diff"] = probe["sync/probe_logp_diff/policy"]
     (out / f"rank{d.rank}.json").write_text(json.dumps(report, indent=1))
     shutdown_distributed()
 

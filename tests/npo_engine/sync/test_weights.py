@@ -1,9 +1,11 @@
-"""npo_engine.sync: trainer weights -> rollout engine, checked against the trainer's own tensors.
+"""npo_engine.sync: trainer weights -> buckets -> rollout engine, checked against the trainer's own tensors.
 
 References: the trainer model's state dict (round trip, tied embeddings, activation-checkpoint names), the
 trainer's tensors cast with `Tensor.to` (bf16 engines), the trainer's LogprobModel (the engine's behaviour
-log-probs after a sync) and, under a 2-rank torchrun, an unsharded model given the same optimizer step as the
-FSDP2-sharded one (`sync_dist_worker.py`).
+log-probs after a sync, the probe), the fingerprint recomputed from the bucket bytes, the PyTorch fallback for the
+csrc/ path and, under a 2-rank torchrun, an unsharded model given the same optimizer step as the FSDP2-sharded
+one (`sync_dist_worker.py`). Failure paths use engines that corrupt a bucket, raise mid-sync, or hold a weight
+other than the one they loaded.
 
 The engines are built the way `Trainer` builds its own: `EmbeddedEngine(copy.deepcopy(lm).to(engine_dtype))`.
 """
@@ -24,9 +26,10 @@ from transformers import Qwen2ForCausalLM
 
 from npo_engine.distributed import apply_activation_checkpointing
 from npo_engine.models import LogprobModel, demo_model_config
-from npo_engine.rollout.base import SamplingParams
+from npo_engine.rollout.base import BUCKET_ALIGN, SamplingParams
 from npo_engine.rollout.embedded import EmbeddedEngine
-from npo_engine.sync import fingerprint, iter_full_weights, push_weights
+from npo_engine.sync import (SyncError, SyncSettings, WeightSync, bucket_fingerprint, fingerprint, iter_full_weights,
+                             policy_logprob_fn, push_weights)
 
 HERE = Path(__file__).parent
 # Odd, so that under FSDP2 the [V, H] embedding splits unevenly over 2 ranks (19 + 18 rows).
@@ -67,16 +70,22 @@ def perturb(lm: torch.nn.Module, seed: int = 1) -> None:
 
 
 class RecordingEngine(EmbeddedEngine):
-    """An EmbeddedEngine that also records each `update_weights` bucket as a list of (name, numel, dtype)."""
+    """An EmbeddedEngine that also records each bucket it loads as a list of (name, nbytes, dtype)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.buckets: list[list[tuple[str, int, torch.dtype]]] = []
 
-    def update_weights(self, named_tensors):
-        named_tensors = list(named_tensors)
-        self.buckets.append([(name, t.numel(), t.dtype) for name, t in named_tensors])
-        super().update_weights(named_tensors)
+    def load_buckets(self, buckets, *, verify=True):
+        def record():
+            for bucket in buckets:
+                self.buckets.append([(e.name, e.nbytes, e.dtype) for e in bucket.entries])
+                assert bucket.data.numel() % BUCKET_ALIGN == 0 and all(e.offset % BUCKET_ALIGN == 0
+                                                                      for e in bucket.entries)
+                if verify:  # the sender's fingerprint is that of the bytes it handed over
+                    assert bucket.fingerprint == bucket_fingerprint(bucket.data)
+                yield bucket
+        return super().load_buckets(record(), verify=verify)
 
 
 def recording_engine(lm: torch.nn.Module, dtype: torch.dtype = torch.float32) -> RecordingEngine:
@@ -105,8 +114,9 @@ def test_round_trip_engine_equals_trainer():
     assert_state_equal(lm.state_dict(), engine.model.state_dict())
     assert engine.weights_version == 1
     unique = {id(p): p for p in lm.state_dict(keep_vars=True).values()}.values()
-    assert metrics["sync/bytes"] == sum(p.numel() * p.element_size() for p in unique)
-    assert metrics["time/sync"] >= 0.0
+    assert metrics["sync/bytes/policy"] == sum(p.numel() * p.element_size() for p in unique)
+    assert metrics["time/sync"] == metrics["time/sync/policy"] >= 0.0
+    assert metrics["sync/buckets/policy"] >= 1
 
 
 def test_engine_samples_with_the_trainer_log_probs_after_a_sync():
@@ -142,17 +152,50 @@ def test_buckets_are_bounded_and_cover_every_tensor_once():
     perturb(lm)
     engine = recording_engine(lm)
     sizes = {name: t.numel() * t.element_size() for name, t in iter_full_weights(lm)}
-    bucket_bytes = 100_000  # below the largest tensor (an MLP weight, 197 kB) and ~1/16 of the model
+    # Below the largest tensors (the MLP weights, 197 kB, and the embedding) and ~1/16 of the model.
+    bucket_bytes = 100_000
     push_weights(lm, engine, bucket_bytes=bucket_bytes)
 
     assert len(engine.buckets) > 2
     names = [name for bucket in engine.buckets for name, _, _ in bucket]
     assert sorted(names) == sorted(sizes) and len(names) == len(set(names))
-    for bucket in engine.buckets[:-1]:
-        total = sum(sizes[name] for name, _, _ in bucket)
-        # a bucket is flushed as soon as it reaches the bound, so without its last tensor it is below it
-        assert total >= bucket_bytes and total - sizes[bucket[-1][0]] < bucket_bytes
+    assert names == list(sizes)  # state-dict order: the groups go out block by block
+    for bucket in engine.buckets:
+        used = sum(-(-n // BUCKET_ALIGN) * BUCKET_ALIGN for _, n, _ in bucket)
+        # within the bound, or one tensor larger than a bucket sent alone
+        assert used <= bucket_bytes or len(bucket) == 1, bucket
+    assert any(len(b) == 1 and b[0][1] > bucket_bytes for b in engine.buckets)
     assert_state_equal(lm.state_dict(), engine.model.state_dict())
+
+
+def test_plan_is_built_once_and_reused():
+    """Names are mapped and offsets laid out at the first sync only; later syncs reuse the plan and its buffer."""
+    lm = make_lm()
+    engine = make_engine(lm)
+    sync = WeightSync(engine, "policy", dtype=None, config=SyncSettings(bucket_mb=0.05, probe_every=0))
+    sync.push(lm, step=0)
+    plan, buffers = sync.plan, dict(sync._buffers)
+    perturb(lm)
+    sync.push(lm, step=1)
+    assert sync.plan is plan and sync._buffers == buffers
+    assert len(buffers) == 1  # the embedded engine releases each bucket: one buffer serves them all
+    assert_state_equal(lm.state_dict(), engine.model.state_dict())
+    assert [g.name for g in plan.groups] == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "csrc"])
+def test_fallback_and_csrc_fill_the_engine_alike(backend):
+    from npo_engine.sync import ops
+
+    if backend == "csrc" and ops.get().name != "csrc":
+        pytest.skip(f"csrc/ did not build: {ops.build_notes()}")
+    lm = make_lm()
+    perturb(lm)
+    engine = recording_engine(lm, torch.bfloat16)
+    settings = SyncSettings(bucket_mb=0.05, probe_every=0, backend=backend)
+    WeightSync(engine, "policy", dtype=torch.bfloat16, config=settings).push(lm, step=0)
+    expected = {name: t.to(torch.bfloat16) for name, t in lm.state_dict().items()}
+    assert_state_equal(expected, engine.model.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------- dtype cast
@@ -167,7 +210,7 @@ def test_fp32_trainer_to_bf16_engine_equals_the_cast():
     expected = {name: t.to(torch.bfloat16) for name, t in lm.state_dict().items()}
     assert_state_equal(expected, engine.model.state_dict())
     assert {dtype for bucket in engine.buckets for _, _, dtype in bucket} == {torch.bfloat16}  # cast before sending
-    assert metrics["sync/bytes"] == sum(2 * t.numel() for _, t in iter_full_weights(lm))
+    assert metrics["sync/bytes/policy"] == sum(2 * t.numel() for _, t in iter_full_weights(lm))
     assert all(p.dtype == torch.float32 for p in lm.parameters())  # the trainer's master weights stay fp32
 
 
@@ -264,4 +307,136 @@ def test_fsdp2_gather_two_ranks(tmp_path):
         assert report["fp32_keys_match"], rank
         assert report["bf16_equals_cast"], (rank, report["bf16_mismatch"])
         assert report["names_sent_once"], rank
+        # one collective per group of shards (embed_tokens, layers.0, layers.1, norm), not one per parameter
+        assert report["all_gathers"] == 4, report["all_gathers"]
+        assert report["probe_logp_diff"] < 1e-5, report["probe_logp_diff"]
     assert reports[0]["fingerprint"] == reports[1]["fingerprint"]  # both engines hold the same bits
+
+
+# --------------------------------------------------------------------------------------------- verification
+
+
+class CorruptingEngine(EmbeddedEngine):
+    """Flips one bit of bucket 1 on the way in, as a faulty transport would."""
+
+    def load_buckets(self, buckets, *, verify=True):
+        def damaged():
+            for bucket in buckets:
+                if bucket.index == 1:
+                    bucket.data[bucket.entries[0].offset + 5] ^= 16
+                yield bucket
+        return super().load_buckets(damaged(), verify=verify)
+
+
+class FailingEngine(EmbeddedEngine):
+    """Raises when it asks for bucket 2."""
+
+    def load_buckets(self, buckets, *, verify=True):
+        def until_two():
+            for bucket in buckets:
+                if bucket.index == 2:
+                    raise OSError("device lost")
+                yield bucket
+        return super().load_buckets(until_two(), verify=verify)
+
+
+class DriftingEngine(EmbeddedEngine):
+    """Loads and fingerprints faithfully, then samples from a different down_proj in layer 1 (a stale or
+    mis-mapped weight the engine's forward uses)."""
+
+    def load_buckets(self, buckets, *, verify=True):
+        received = super().load_buckets(buckets, verify=verify)
+        with torch.no_grad():
+            self.model.model.layers[1].mlp.down_proj.weight.mul_(-3.0)
+        return received
+
+
+def _engine(cls, lm, dtype=torch.float32):
+    return cls(copy.deepcopy(lm).to(dtype), eos_token_id=EOS, pad_token_id=PAD)
+
+
+def _probe_fn(lm):
+    return policy_logprob_fn(LogprobModel(lm, kernel_backend="torch"), device=torch.device("cpu"), pad_token_id=PAD,
+                             temperature=1.0)
+
+
+def test_a_corrupted_bucket_is_caught_by_the_fingerprint():
+    lm = make_lm()
+    perturb(lm)
+    engine = _engine(CorruptingEngine, lm)
+    sync = WeightSync(engine, "guide", dtype=None, config=SyncSettings(bucket_mb=0.05, probe_every=0))
+    with pytest.raises(SyncError, match=r"guide engine's weight sync at step 7: 1 of \d+ buckets arrived different "
+                                        r"from what was sent \(bucket 1: sent fingerprint 0x[0-9a-f]{16}, engine "
+                                        r"holds 0x[0-9a-f]{16}; its groups: "):
+        sync.push(lm, step=7)
+    assert "bucket 1" in engine.weights_stale and "guide" in engine.weights_stale
+
+
+def test_without_verify_the_same_corruption_goes_unseen():
+    """The check is the fingerprint's: with sync.verify off the damaged sync passes (and the engine is wrong)."""
+    lm = make_lm()
+    perturb(lm)
+    engine = _engine(CorruptingEngine, lm)
+    WeightSync(engine, "policy", dtype=None, config=SyncSettings(bucket_mb=0.05, probe_every=0, verify=False)
+               ).push(lm, step=0)
+    state = engine.model.state_dict()
+    assert any(not torch.equal(state[k], v) for k, v in lm.state_dict().items())
+
+
+def test_an_exception_mid_sync_marks_the_engine_stale():
+    lm = make_lm()
+    engine = _engine(FailingEngine, lm)
+    sync = WeightSync(engine, "policy", dtype=None, config=SyncSettings(bucket_mb=0.05, probe_every=0))
+    perturb(lm)
+    with pytest.raises(SyncError, match=r"failed after 3 of \d+ buckets .*OSError: device lost.*mix of old and new "
+                                        r"weights and is marked stale"):
+        sync.push(lm, step=3)
+    assert "OSError" in engine.weights_stale
+    # Half-updated indeed: the first buckets' tensors are new, the last ones old.
+    state, trainer = engine.model.state_dict(), lm.state_dict()
+    first, last = sync.plan.buckets[0].entries[0].name, sync.plan.buckets[-1].entries[-1].name
+    assert torch.equal(state[first], trainer[first]) and not torch.equal(state[last], trainer[last])
+
+
+def test_a_good_sync_clears_the_stale_mark():
+    lm = make_lm()
+    engine = _engine(EmbeddedEngine, lm)
+    engine.weights_stale = "an earlier failure"
+    WeightSync(engine, "policy", dtype=None, config=SyncSettings(probe_every=0)).push(lm, step=0)
+    assert engine.weights_stale is None
+
+
+def test_probe_passes_on_a_faithful_engine_and_reports_its_metrics():
+    lm = make_lm()
+    perturb(lm)
+    engine = _engine(EmbeddedEngine, lm)
+    sync = WeightSync(engine, "policy", dtype=None, config=SyncSettings(probe_every=2), trainer_logprobs=_probe_fn(lm))
+    first = sync.push(lm, step=0)
+    assert first["sync/probe_logp_diff/policy"] < 1e-5 and first["sync/probe_logp_maxdiff/policy"] < 1e-4
+    assert "sync/probe_logp_diff/policy" not in sync.push(lm, step=1)  # every 2 syncs
+    assert "sync/probe_logp_diff/policy" in sync.push(lm, step=2)
+
+
+def test_probe_catches_a_wrong_weight_and_names_its_group():
+    lm = make_lm()
+    perturb(lm)
+    engine = _engine(DriftingEngine, lm)
+    sync = WeightSync(engine, "guide", dtype=None, config=SyncSettings(probe_every=1, probe_tolerance=0.05),
+                      trainer_logprobs=_probe_fn(lm))
+    with pytest.raises(SyncError, match=r"guide engine's weight sync at step 12: the log-prob parity probe failed"
+                                        r".*above sync.probe_tolerance = 0.05.*parameter group 'model.layers.1'"):
+        sync.push(lm, step=12)
+    assert "parity probe" in engine.weights_stale
+
+
+def test_engine_score_matches_the_trainer_at_a_temperature():
+    lm = make_lm()
+    perturb(lm)
+    engine = make_engine(lm)
+    prompts, completions = [[5, 6, 7], [8]], [[9, 10], [11, 12, 13]]
+    trainer = policy_logprob_fn(LogprobModel(lm, kernel_backend="torch"), device=torch.device("cpu"),
+                                pad_token_id=PAD, temperature=0.7)(prompts, completions)
+    got = engine.score(prompts, completions, temperature=0.7)
+    for a, b, c in zip(got, trainer, completions):
+        assert a.dtype == torch.float32 and a.shape == (len(c),)
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
