@@ -319,16 +319,22 @@ class Trainer:
         # A config choice (RLEP's mode always has replayed rows), so every rank takes the same path.
         if recompute_on_policy or recompute_guides or cfg.mix.mode == "rlep":
             with torch.no_grad():
-                old_logp = self._logprobs(batch, cfg.rollout.temperature)
+                old_logp = self._logprobs(batch)
             rows = (on_policy & recompute_on_policy) | (~on_policy & recompute_guides) | replayed
             batch.behavior_logp = torch.where(rows, old_logp, engine_logp)
+            token_weights = torch.ones_like(old_logp)
             if guide_is == "decoupled":
                 weights = algo.decoupled_weights(old_logp, engine_logp, batch.completion_mask & ~on_policy,
                                                  cfg.mix.decoupled_cap)
-                batch.advantages = batch.advantages[:, None] * torch.where(~on_policy, weights, 1.0)
-            mismatch = (engine_logp - old_logp).abs()[batch.completion_mask & on_policy & ~replayed]
-            n_mismatch = all_reduce_sum(torch.tensor([mismatch.sum().item(), mismatch.numel()], dtype=torch.float64))
-            out["mismatch/logp_abs"] = n_mismatch[0].item() / max(n_mismatch[1].item(), 1.0)
+                token_weights = torch.where(~on_policy, weights, token_weights)
+            # The policy engine's log-probs of its own tokens against the trainer's (replayed rows have none).
+            weights, sums = algo.mismatch_weights(old_logp, engine_logp,
+                                                  batch.completion_mask & on_policy & ~replayed,
+                                                  cfg.algo.mismatch_correction, cfg.algo.mismatch_threshold)
+            token_weights = token_weights * weights
+            if guide_is == "decoupled" or cfg.algo.mismatch_correction != "none":
+                batch.advantages = batch.advantages[:, None] * token_weights
+            out |= _mismatch_metrics(sums)
 
         batch.row_entropy = torch.zeros(batch.input_ids.shape[0], device=batch.input_ids.device)
         updates = [self._optimizer_update(mini) for _ in range(cfg.optim.epochs)
@@ -358,7 +364,7 @@ class Trainer:
         for lo in range(0, batch.input_ids.shape[0], micro):
             mb = batch.rows(lo, lo + micro)
             logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.completion_mask,
-                                        temperature=cfg.rollout.temperature, return_entropy=True)
+                                        **self._sampling_support, return_entropy=True)
             pg_loss, pg_metrics = self.policy_loss(logp, mb.behavior_logp, mb.advantages, mb.completion_mask,
                                                    cfg.algo, policy_id=mb.policy_id,
                                                    norm_length=cfg.rollout.max_new_tokens,
@@ -595,7 +601,7 @@ class Trainer:
             input_ids, attention_mask, completion_mask, _ = self._pad(rows_p, rows_c)
             to = self.device
             logp, _ = self.policy(input_ids.to(to), attention_mask.to(to), completion_mask.to(to),
-                                  temperature=self.cfg.rollout.temperature)
+                                  **self._sampling_support)
             if not idle:
                 out += [row[m].float().cpu() for row, m in zip(logp, completion_mask.to(to))]
         return out
@@ -662,21 +668,28 @@ class Trainer:
     def _kl_term(self, mb: TrainBatch, logp: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             ref_logp, _ = self.ref_policy(mb.input_ids, mb.attention_mask, mb.completion_mask,
-                                          temperature=self.cfg.rollout.temperature)
+                                          **self._sampling_support)
         kl = algo.kl_penalty(logp, ref_logp, mb.completion_mask, self.cfg.algo.kl_estimator)
         return algo.masked_mean(kl, mb.completion_mask)
 
     @torch.no_grad()
-    def _logprobs(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
+    def _logprobs(self, batch: TrainBatch) -> torch.Tensor:
         parts = []
         for lo in range(0, batch.input_ids.shape[0], self.cfg.optim.micro_batch_size):
             mb = batch.rows(lo, lo + self.cfg.optim.micro_batch_size)
             parts.append(self.policy(mb.input_ids, mb.attention_mask, mb.completion_mask,
-                                     temperature=temperature)[0])
+                                     **self._sampling_support)[0])
         return torch.cat(parts)
 
     def _clip_gradients(self) -> torch.Tensor:
         params = [p for p in self.policy.parameters() if p.grad is not None]
+    @property
+    def _sampling_support(self) -> dict[str, Any]:
+        """The distribution the rollouts sample from (temperature, top-k, top-p): the trainer scores its
+        log-probs on the same support, so its ratios compare like with like (`rollout/base.py`)."""
+        r = self.cfg.rollout
+        return {"temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p}
+
         max_norm = self.cfg.optim.grad_clip or math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(norm, "full_tensor"):
@@ -746,3 +759,13 @@ def _accumulate(totals: dict[str, torch.Tensor], values: dict[str, Any]) -> None
     for key, value in values.items():
         value = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
         totals[key] = totals[key] + value if key in totals else value
+def _mismatch_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """`algo.mismatch_sums` of every rank -> mean |log ρ|, max ρ and the share of corrected tokens."""
+    summed = all_reduce_sum(torch.tensor([sums["tokens"], sums["abs_log_ratio"], sums["corrected"]],
+                                         dtype=torch.float64)).tolist()
+    largest = all_gather_objects(sums["max_log_ratio"])
+    tokens = max(summed[0], 1.0)
+    return {"mismatch/logp_abs": summed[1] / tokens, "mismatch/corrected_frac": summed[2] / tokens,
+            "mismatch/ratio_max": math.exp(max(largest)) if max(largest) > -math.inf else float("nan")}
+
+

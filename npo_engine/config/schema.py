@@ -17,7 +17,7 @@ from npo_engine.errors import UserError
 
 
 __all__ = ["AlgoConfig", "CheckpointConfig", "ConfigError", "DataConfig", "KernelConfig", "LoggingConfig",
-           "AutoNPOConfig", "MixConfig", "ModelConfig", "NPOConfig", "OptimConfig", "RewardConfig", "RolloutConfig", "RunConfig", "SyncConfig",
+           "AutoNPOConfig", "MixConfig", "ModelConfig", "NPOConfig", "OptimConfig", "RewardConfig", "RolloutConfig", "RunConfig",
            "TrainConfig", "TeacherConfig", "ExGRPOConfig", "RLEPConfig", "GuideIS"]
 
 
@@ -260,6 +260,14 @@ class MixConfig:
     guide_is: GuideIS | None = None
     """Weighting of guide (off-policy) tokens; null = the mode's own (npo, autonpo: exact; luffy: luffy; exgrpo:
     exgrpo; rlep: none). exact = pi_theta / pi_guide with the recorded guide log-probs and the PPO clip;
+    mismatch_correction: Literal["none", "tis", "mask"] = "none"
+    """Correct the policy gradient for train/inference mismatch by each on-policy token's ratio rho =
+    pi_trainer / pi_engine of the weights that sampled it (needs rollout.behavior_logp = recompute): tis
+    multiplies the token's loss by min(rho, mismatch_threshold) (truncated importance sampling, verl's
+    tis_imp_ratio_cap); mask drops tokens with rho outside [1/threshold, threshold] (masked IS). none only
+    measures it (mismatch/logp_abs, mismatch/ratio_max, mismatch/corrected_frac)."""
+    mismatch_threshold: float = 2.0
+    """The cap C > 1 of mismatch_correction (verl's TIS default: 2)."""
     none = treated as on-policy (pi_theta / pi_old recomputed on the guide tokens); decoupled = the PPO clip on
     pi_theta / pi_old times the truncated weight min(pi_old / pi_guide, decoupled_cap); luffy = -A * p / (p +
     shaping_gamma) with p = pi_theta, no clip (LUFFY's policy shaping, pi_guide taken as 1); exgrpo = -A * w /
@@ -274,6 +282,8 @@ class MixConfig:
         _check(0.0 <= self.gate <= 1.0, "mix.gate", self.gate,
                "the gate is a group-accuracy threshold; use a value in [0, 1] (paper: 0.6)")
         _check(self.decoupled_cap >= 1.0, "mix.decoupled_cap", self.decoupled_cap,
+        _check(self.mismatch_threshold > 1, "algo.mismatch_threshold", self.mismatch_threshold,
+               "use a cap > 1, e.g. 2")
                "use a truncation level >= 1, e.g. 2")
         _check(self.shaping_gamma > 0, "mix.shaping_gamma", self.shaping_gamma, "use a value > 0 (LUFFY: 0.1)")
         allowed = ALLOWED_GUIDE_IS[self.mode]
@@ -523,43 +533,6 @@ class KernelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SyncConfig:
-    """Weight sync from the trainer into the rollout engines (policy after every step, guide at each change); see
-    `npo_engine.sync`."""
-
-    bucket_mb: float = 256.0
-    """Target bucket size in MiB (a tensor larger than this travels alone in a bucket of its own size). Measured
-    on the CPU (benchmarks/results/cpu_sync.md): 64 to 1024 MiB sync the 0.5B shape within a few percent of each
-    other; 256 bounds the extra memory at one bucket (the largest tensor, if bigger)."""
-    verify: bool = True
-    """Fingerprint every bucket on both sides and compare (a 64-bit checksum fused into the pack and unpack
-    copies; benchmarks/results/cpu_sync.md gives its cost). A mismatch stops the run naming the engine."""
-    probe_every: int = 10
-    """Every this many syncs of an engine (its first one included), compare its log-probs of a fixed probe batch
-    with the trainer's; 0 turns the probe off. One forward of probe_rows x 2 probe_tokens on each side."""
-    probe_tolerance: float = 0.05
-    """Largest allowed mean |engine - trainer| log-prob over the probe tokens. Same weights give ~1e-6 in fp32
-    and ~1e-2 in bf16 (kernel rounding); a wrong or stale group of weights gives far more."""
-    probe_rows: int = 4
-    """Rows of the probe batch (random tokens drawn with the run's seed)."""
-    probe_tokens: int = 16
-    """Prompt tokens, and as many completion tokens, per probe row."""
-    backend: Literal["auto", "csrc", "torch"] = "auto"
-    """Pack/fingerprint kernels: auto = csrc/ when it builds here (else the PyTorch fallback, said once in the
-    log), csrc = require it, torch = the fallback (bit-identical buckets and fingerprints, slower)."""
-
-    def __post_init__(self) -> None:
-        _check_finite(self, "sync")
-        _check(self.bucket_mb > 0, "sync.bucket_mb", self.bucket_mb, "use a positive size in MiB (e.g. 256)")
-        _check(self.probe_every >= 0, "sync.probe_every", self.probe_every, "use a count >= 0 (0 = no probe)")
-        _check(self.probe_tolerance > 0, "sync.probe_tolerance", self.probe_tolerance,
-               "use a positive mean |log-prob| difference (e.g. 0.05)")
-        _check(self.probe_rows >= 1, "sync.probe_rows", self.probe_rows, "use a count >= 1")
-        _check(self.probe_tokens >= 1, "sync.probe_tokens", self.probe_tokens, "use a count >= 1")
-
-
-
-@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """The run as a whole."""
 
@@ -595,7 +568,6 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
-    sync: SyncConfig = field(default_factory=SyncConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     npo: NPOConfig = field(default_factory=NPOConfig)
     autonpo: AutoNPOConfig = field(default_factory=AutoNPOConfig)
@@ -611,6 +583,42 @@ class TrainConfig:
         if self.mix.mode == "rlep":
             _check(self.rlep.converged_run is not None, "rlep.converged_run", None,
                    "mix.mode = rlep replays a finished run: give its run directory, e.g. runs/demo (produced by "
+@dataclass(frozen=True, kw_only=True)
+class SyncConfig:
+    """Weight sync from the trainer into the rollout engines (policy after every step, guide at each change); see
+    `npo_engine.sync`."""
+
+    bucket_mb: float = 256.0
+    """Target bucket size in MiB (a tensor larger than this travels alone in a bucket of its own size). Measured
+    on the CPU (benchmarks/results/cpu_sync.md): 64 to 1024 MiB sync the 0.5B shape within a few percent of each
+    other; 256 bounds the extra memory at one bucket (the largest tensor, if bigger)."""
+    verify: bool = True
+    """Fingerprint every bucket on both sides and compare (a 64-bit checksum fused into the pack and unpack
+    copies; benchmarks/results/cpu_sync.md gives its cost). A mismatch stops the run naming the engine."""
+    probe_every: int = 10
+    """Every this many syncs of an engine (its first one included), compare its log-probs of a fixed probe batch
+    with the trainer's; 0 turns the probe off. One forward of probe_rows x 2 probe_tokens on each side."""
+    probe_tolerance: float = 0.05
+    """Largest allowed mean |engine - trainer| log-prob over the probe tokens. Same weights give ~1e-6 in fp32
+    and ~1e-2 in bf16 (kernel rounding); a wrong or stale group of weights gives far more."""
+    probe_rows: int = 4
+    """Rows of the probe batch (random tokens drawn with the run's seed)."""
+    probe_tokens: int = 16
+    """Prompt tokens, and as many completion tokens, per probe row."""
+    backend: Literal["auto", "csrc", "torch"] = "auto"
+    """Pack/fingerprint kernels: auto = csrc/ when it builds here (else the PyTorch fallback, said once in the
+    log), csrc = require it, torch = the fallback (bit-identical buckets and fingerprints, slower)."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "sync")
+        _check(self.bucket_mb > 0, "sync.bucket_mb", self.bucket_mb, "use a positive size in MiB (e.g. 256)")
+        _check(self.probe_every >= 0, "sync.probe_every", self.probe_every, "use a count >= 0 (0 = no probe)")
+        _check(self.probe_tolerance > 0, "sync.probe_tolerance", self.probe_tolerance,
+               "use a positive mean |log-prob| difference (e.g. 0.05)")
+        _check(self.probe_rows >= 1, "sync.probe_rows", self.probe_rows, "use a count >= 1")
+        _check(self.probe_tokens >= 1, "sync.probe_tokens", self.probe_tokens, "use a count >= 1")
+
+
                    "`npo train --config configs/demo.yaml`)")
             _check(self.rlep.replay < self.rollout.group_size, "rlep.replay", self.rlep.replay,
                    f"replayed slots must leave fresh ones in a group of rollout.group_size = "
@@ -643,3 +651,9 @@ class TrainConfig:
         _check(keep >= needed, "checkpoint.keep_last", keep,
                f"AutoNPO rolls back up to {max(distances)} steps with a checkpoint every {every}: keep at least "
                f"{needed} checkpoints")
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+        _check(self.algo.mismatch_correction == "none" or self.rollout.behavior_logp == "recompute",
+               "algo.mismatch_correction", self.algo.mismatch_correction,
+               "the correction compares the engine's log-probs with the trainer's recomputation; set "
+               "rollout.behavior_logp = recompute, or use none")
