@@ -5,8 +5,8 @@
 // 2^64 over its 1024 little-endian uint32 words; fp = sum_b mix64(S_b + (b + 1) * golden)). Every function here
 // gives the same bits as the PyTorch fallback there (tests/csrc/test_sync_ext.py checks it).
 //
-// Fusing the hash into the copy is what keeps verification cheap: a tile is copied, then hashed while it is still
-// in cache, so the fingerprint costs arithmetic, not a second pass over memory. Unpack hashes the *destination*
+// Fusing the hash into the copy is what keeps verification cheap: each 4 KiB block is copied, then hashed while it is
+// in L1, so the fingerprint costs arithmetic, not a second pass over memory. Unpack hashes the *destination*
 // (the engine's own parameter memory) after writing it: the receiver's fingerprint is of what it holds.
 //
 // Built on first use by npo_engine/sync/ops.py (torch.utils.cpp_extension.load); casts use c10's BFloat16 and
@@ -168,22 +168,21 @@ void pack(const std::vector<torch::Tensor>& srcs, const std::vector<torch::Tenso
   uint64_t* acc = sums_ptr(sums, bucket.numel());
   auto table = key_table(keys);
   uint8_t* base = bucket.data_ptr<uint8_t>();
-  for_tiles(bucket.numel(), segs, [&](int64_t a, int64_t b, std::vector<Seg>::const_iterator it) {
-    int64_t cursor = a;
-    for (; it != segs.end() && it->begin < b; ++it) {
-      int64_t lo = std::max(a, it->begin), hi = std::min(b, it->end);
-      if (lo > cursor) std::memset(base + cursor, 0, lo - cursor);
-      int64_t in_size = c10::elementSize(it->bucket_type), ex_size = c10::elementSize(it->ext_type);
-      int64_t first = (lo - it->begin) / in_size, count = (hi - lo) / in_size;
-      convert(base + lo, it->bucket_type, it->ext + first * ex_size, it->ext_type, count);
-      cursor = hi;
-    }
-    if (b > cursor) std::memset(base + cursor, 0, b - cursor);
-    if (acc) {
-      int64_t b0 = a / kBlockBytes;
-      std::vector<uint64_t> local((b - a + kBlockBytes - 1) / kBlockBytes, 0);
-      hash_range(base + a, a, b - a, table.data(), local.data(), b0);
-      for (size_t k = 0; k < local.size(); ++k) acc[b0 + k] += local[k];
+  for_tiles(bucket.numel(), segs, [&](int64_t tile_a, int64_t tile_b, std::vector<Seg>::const_iterator it) {
+    // Block by block, so each 4 KiB block is hashed straight after it is written, from L1.
+    for (int64_t a = tile_a; a < tile_b; a += kBlockBytes) {
+      int64_t b = std::min(tile_b, a + kBlockBytes), cursor = a;
+      while (it != segs.end() && it->end <= a) ++it;
+      for (auto s = it; s != segs.end() && s->begin < b; ++s) {
+        int64_t lo = std::max(a, s->begin), hi = std::min(b, s->end);
+        if (lo > cursor) std::memset(base + cursor, 0, lo - cursor);
+        int64_t in_size = c10::elementSize(s->bucket_type), ex_size = c10::elementSize(s->ext_type);
+        int64_t first = (lo - s->begin) / in_size, count = (hi - lo) / in_size;
+        convert(base + lo, s->bucket_type, s->ext + first * ex_size, s->ext_type, count);
+        cursor = hi;
+      }
+      if (b > cursor) std::memset(base + cursor, 0, b - cursor);
+      if (acc) acc[a / kBlockBytes] += dot_words(base + a, (b - a) / 4, table.data());
     }
   });
 }
@@ -199,16 +198,20 @@ void unpack(torch::Tensor bucket, const std::vector<torch::Tensor>& views, const
   uint64_t* acc = sums_ptr(sums, bucket.numel());
   auto table = key_table(keys);
   const uint8_t* base = bucket.data_ptr<uint8_t>();
-  for_tiles(bucket.numel(), segs, [&](int64_t a, int64_t b, std::vector<Seg>::const_iterator it) {
-    int64_t b0 = a / kBlockBytes;
-    std::vector<uint64_t> local(acc ? (b - a + kBlockBytes - 1) / kBlockBytes : 0, 0);
-    for (; it != segs.end() && it->begin < b; ++it) {
-      int64_t lo = std::max(a, it->begin), hi = std::min(b, it->end);
-      char* dst = it->ext + (lo - it->begin);
-      std::memcpy(dst, base + lo, hi - lo);
-      if (acc) hash_range(reinterpret_cast<const uint8_t*>(dst), lo, hi - lo, table.data(), local.data(), b0);
+  for_tiles(bucket.numel(), segs, [&](int64_t tile_a, int64_t tile_b, std::vector<Seg>::const_iterator it) {
+    // Block by block: each destination piece is hashed straight after it is written, from L1.
+    for (int64_t a = tile_a; a < tile_b; a += kBlockBytes) {
+      int64_t b = std::min(tile_b, a + kBlockBytes);
+      uint64_t local = 0;
+      while (it != segs.end() && it->end <= a) ++it;
+      for (auto s = it; s != segs.end() && s->begin < b; ++s) {
+        int64_t lo = std::max(a, s->begin), hi = std::min(b, s->end);
+        char* dst = s->ext + (lo - s->begin);
+        std::memcpy(dst, base + lo, hi - lo);
+        if (acc) hash_range(reinterpret_cast<const uint8_t*>(dst), lo, hi - lo, table.data(), &local, a / kBlockBytes);
+      }
+      if (acc) acc[a / kBlockBytes] += local;
     }
-    for (size_t k = 0; k < local.size(); ++k) acc[b0 + k] += local[k];
   });
 }
 

@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu/run.sh                                   # results in $OUT (default benchmarks/results)
 #   NPO_GPU_SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu/run.sh    # dry run on CPU with tiny shapes
-#   NPO_GPU_PARTS="train" bash benchmarks/gpu/run.sh              # only some parts: tests bench train
+#   NPO_GPU_PARTS="train" bash benchmarks/gpu/run.sh              # only some parts: tests bench train sync
 #
 # The `train` part runs GRPO and NPO-early on the demo task under `torchrun --nproc_per_node=1` (NCCL, FSDP2,
 # bf16) for a few steps each: the engine end to end on CUDA, with each run's metrics and events.
@@ -39,7 +39,7 @@ import npo_kernels.logprob.op, npo_kernels.fused_linear.op
 print("npo_kernels imports from", npo_kernels.__path__[0] if hasattr(npo_kernels, "__path__") else "?")
 EOF
 
-PARTS="${NPO_GPU_PARTS:-tests bench train}"
+PARTS="${NPO_GPU_PARTS:-tests bench train sync}"
 has_part() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 
 HAVE_PYTEST=0; python -c "import pytest" 2>/dev/null && HAVE_PYTEST=1
@@ -114,6 +114,24 @@ for run in ("grpo", "npo_early"):
     print(f"{run}: {len(rows)} rows, median time/step {statistics.median(steps):.3f} s, "
           f"guide slots {sum(r.get('guide/slots', 0) for r in rows):.0f}, evals (step, total, acc) {evals}")
 PYEOF
+fi
+
+# 3b. Weight sync (npo_engine.sync): the csrc/ CPU + CUDA build (without nvcc the fallback runs, reported), CPU ==
+# CUDA fingerprints, and a 7B-shaped bf16 engine filled from fp32 master weights (goal <= 0.5 s); then the
+# gpu-marked csrc tests. Results: ${TAG}_sync.json and ${TAG}_sync.txt.
+if has_part sync; then
+  if [ "${NPO_GPU_SMOKE:-0}" != "0" ]; then SYNC_SHAPE=tiny; else SYNC_SHAPE=${NPO_GPU_SYNC_SHAPE:-7b}; fi
+  export NPO_CACHE_DIR="${NPO_CACHE_DIR:-$(mktemp -d)}"  # the extension builds into it on first use
+  log "sync: build csrc/, fingerprints CPU vs CUDA, $SYNC_SHAPE pack + hand-over"
+  timeout 300 python -m benchmarks.gpu.bench_sync --shape "$SYNC_SHAPE" --out "$OUT" --tag "$TAG" \
+    > "$OUT/${TAG}_sync.txt" 2>&1
+  log "sync exit code $?"
+  grep -E "^(device|ops|cuda_kernels_built|build_notes|fingerprint_|pack_|flipped|bucketed_s|bucketed_noverify_s|per_param_s|fingerprint_overhead|goal|engine_equals|sync_error|fingerprints_error)" \
+    "$OUT/${TAG}_sync.txt" | tee -a "$LOG"
+  if [ "$HAVE_PYTEST" = 1 ]; then
+    timeout 120 "${PYTEST[@]}" tests/csrc > "$OUT/${TAG}_sync_tests.txt" 2>&1
+    log "sync tests (tests/csrc) exit code $?: $(tail -n 1 "$OUT/${TAG}_sync_tests.txt")"
+  fi
 fi
 
 # 4. One report over everything that produced JSON, with the targets.

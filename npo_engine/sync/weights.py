@@ -21,6 +21,7 @@ engine, the step and the parameter group that differs most. Any failure marks th
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -237,8 +238,10 @@ class WeightSync:
             self._buffers[key] = torch.empty(size, dtype=torch.uint8, device=device)
         return self._buffers[key]
 
-    @property
+    @functools.cached_property
     def _device(self) -> torch.device:
+        """Where the buckets live: the engine's device (the embedded engine's model), else the current CUDA device
+        or the CPU."""
         model = getattr(self.engine, "model", None)
         if isinstance(model, nn.Module):
             return next(model.parameters()).device
