@@ -39,6 +39,8 @@ setup(
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pyarrow>=14", "tensorboard>=2.14"],
         "parquet": ["pyarrow>=14"],
         "tensorboard": ["tensorboard>=2.14"],
+        # benchmarks/e2e: the GRPO step against TRL's GRPOTrainer; install into its own venv, not the engine's
+        "bench": ["trl>=1.16"],
     },
     entry_points={"console_scripts": ["npo=npo_engine.cli:main"]},
 )

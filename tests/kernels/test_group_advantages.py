@@ -287,3 +287,38 @@ def test_gpu_matches_reference(mode, stats):
     # The budget counts GPU ÷ and sqrt as FN_ERR-ulp operations.
     assert_advantages(f"adv[{mode},{stats}]", rewards, group_ids, got.cpu(), mode=mode, stats=stats,
                       policy_id=policy_id)
+
+
+# ---- The CPU path: dense group index and fp64 statistics --------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stats", STATS)
+@pytest.mark.parametrize("ids", ["narrow", "narrow-with-gaps", "wide"])
+def test_cpu_path_matches_the_loops_and_the_reference(mode, stats, ids):
+    """The CPU path (`cpu.py`) takes ids from a narrow span directly (here 0..G-1 shifted to negatives, then a
+    span with unused ids in it) and wide ones through torch.unique; each agrees with the loops within the
+    budget and with the reference to fp32 rounding."""
+    from npo_kernels.advantages.cpu import dense_group_index
+    from npo_kernels.advantages.reference import group_advantages_ref
+
+    rewards, group_ids, policy_id = make_batch(seed=3)
+    dense = torch.unique(group_ids, return_inverse=True)[1]
+    group_ids = {"narrow": dense - 3, "narrow-with-gaps": dense * 3 + 10, "wide": group_ids}[ids]
+    index, num_groups = dense_group_index(group_ids)
+    assert (num_groups > 6) == (ids == "narrow-with-gaps") and num_groups >= 6
+    kwargs = dict(mode=mode, policy_id=policy_id, stats=stats)
+    got = group_advantages(rewards, group_ids, backend="torch", **kwargs)
+    assert got.dtype == torch.float32
+    assert_advantages(f"{mode}/{stats}/{ids}", rewards, group_ids, got, **kwargs)
+    ref = group_advantages_ref(rewards, group_ids, eps=1e-6, **kwargs)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_path_gives_exact_zeros_without_the_shift():
+    """fp64 sums of equal fp32 rewards are exact, so equal groups (of a value fp32 cannot hold exactly) and
+    singletons give exactly 0, in narrow and wide id spans alike."""
+    rewards = torch.tensor([0.1] * 7 + [1 / 3] * 5 + [2.7])
+    for group_ids in (torch.tensor([0] * 7 + [1] * 5 + [2]), torch.tensor([10**12] * 7 + [-(10**12)] * 5 + [5])):
+        for mode in MODES:
+            got = group_advantages(rewards, group_ids, mode=mode, backend="torch")
+            assert torch.equal(got, torch.zeros_like(got)), (mode, group_ids.tolist(), got)

@@ -7,8 +7,9 @@ Layers, bottom up:
                                       keeps it as one node
     group_advantages                  validation and dispatch
 Not differentiable (advantages are constants of the policy-gradient loss), so there is no autograd layer.
-The CPU path ("auto" on CPU tensors, or backend="torch") is the vectorized reference itself: one
-torch.unique and a few index_adds over [B], nothing to chunk.
+The CPU path ("auto" on CPU tensors, or backend="torch" on CPU) is `cpu.group_advantages_cpu`: the
+reference's statistics over a dense group index found without torch.unique, in fp64 (no shift pass), so the
+public op costs no more than the simplest vectorized PyTorch; backend="torch" on CUDA runs the reference.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import BACKENDS, Backend, check_choice, fake_advantages, use_triton
+from .cpu import group_advantages_cpu
 from .reference import ADVANTAGE_MODES, STATS_MODES, AdvantageMode, StatsMode, group_advantages_ref
 
 # ---- Custom op ---------------------------------------------------------------------------------------------
@@ -81,4 +83,6 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, mode: Ad
         # detach: the kernel's output never carried a gradient (advantages are constants of the loss).
         return torch.ops.npo_kernels.group_advantages(rewards.detach(), group_ids, mode, float(eps),
                                                       policy_id, stats)
+    if rewards.device.type == "cpu":
+        return group_advantages_cpu(rewards.detach(), group_ids, mode=mode, eps=eps, policy_id=policy_id, stats=stats)
     return group_advantages_ref(rewards, group_ids, mode=mode, eps=eps, policy_id=policy_id, stats=stats)

@@ -1,0 +1,49 @@
+"""What both workers share: the step protocol with the driver, and memory readings from /proc.
+
+Protocol (one JSON object per line): the worker builds its trainer, prints {"event": "ready", ...}, then
+waits for a line on stdin: "step" runs one optimizer step and answers {"event": "step", "seconds", "tokens",
+"rss_bytes"}; "quit" answers {"event": "done", "peak_rss_bytes"} and exits. The driver sends "step" to one
+worker at a time, so the two engines alternate step by step and never compete for the cores.
+
+Peak memory is the process's resident high-water mark (VmHWM) over the steps: reset (`clear_refs`) after the
+trainer is built, read at the end. It counts everything resident (Python, libraries, weights, optimizer state,
+activations, allocator slack), as a user's `top` would show. Where the kernel cannot reset it (some sandboxes),
+the reading is the peak since the process started (`peak_since` says which).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+
+MARK = "@@e2e "  # prefix of protocol lines on stdout (libraries print too)
+
+
+def send(**record) -> None:
+    sys.stdout.write(MARK + json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+def wait_command() -> str:
+    line = sys.stdin.readline()
+    return line.strip() or "quit"
+
+
+def status_bytes(field: str) -> int:
+    """A /proc/self/status size field in bytes (VmRSS, VmHWM); the rusage peak if the field is missing."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak() -> str:
+    """Reset the high-water mark; returns what the final peak reading covers: "steps" or "start"."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "steps"
+    except OSError:
+        return "start"
