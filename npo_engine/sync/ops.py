@@ -8,9 +8,9 @@
 sums of the bytes they wrote (pack) or of the destinations read back (unpack), in the same pass.
 
 **Building.** csrc/ is compiled on first use with `torch.utils.cpp_extension.load` into
-`$NPO_CACHE_DIR/csrc` (default `~/.cache/npo_engine/csrc`), one directory per torch and Python version, so
-`pip install -e .` needs no compiler and no flags. The CPU part needs a C++ compiler; the CUDA part also needs
-CUDA torch and `nvcc` (`CUDA_HOME`). When a part cannot be built the PyTorch fallback runs, and the reason is
+`$NPO_CACHE_DIR/csrc` (default `~/.cache/npo_engine/csrc`), one directory per torch and Python version and
+sources, so `pip install -e .` needs no compiler and no flags. The CPU part needs a C++ compiler and `ninja`; the
+CUDA part also needs CUDA torch and `nvcc` (`CUDA_HOME`). When a part cannot be built the PyTorch fallback runs, and the reason is
 logged once. `NPO_SYNC_EXT=0` skips the build (fallback only); `python -m npo_engine.sync.ops` builds and
 reports. The first build takes about a minute on a 2-core machine; later runs load the cached library.
 """
@@ -179,6 +179,11 @@ def _load_extension() -> SyncOps:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         _build_notes.append(f"no C++ compiler ({compiler!r} not on PATH)")
+        return TorchOps()
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        _build_notes.append("no ninja (torch builds extensions with it: `pip install ninja`)")
         return TorchOps()
     try:
         cpu = _build("sync_cpu", [CSRC / "sync_cpu.cpp"], cuda=False)

@@ -106,6 +106,10 @@ class WeightSync:
             self._mark_stale(f"{where} failed {half}: {type(exc).__name__}: {exc}")
             raise SyncError(f"{where} failed {half} ({type(exc).__name__}: {exc}); the engine may now hold a mix of "
                             "old and new weights and is marked stale until a sync succeeds") from exc
+        finally:
+            if not getattr(self.engine, "releases_buckets", False) and self._device.type == "cuda":
+                self._buffers.clear()  # per-bucket buffers would hold a whole model copy on the GPU
+                self._views.clear()
         if verify:
             self._check_fingerprints(plan, sent, received, where)
         self.syncs += 1

@@ -12,8 +12,10 @@ transposed and sliced (non-contiguous); entries at offsets that cross 4 KiB fing
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -237,3 +239,18 @@ def test_cuda_pack_and_fingerprints_equal_the_cpu_ones(csrc):
     damaged = gpu_bucket.clone()
     damaged[size // 2] ^= 4
     assert bucket_fingerprint(damaged) != cpu_fp
+
+
+def test_without_the_extension_the_fallback_runs_and_says_so_once():
+    """NPO_SYNC_EXT=0 stands for a machine without a compiler: the sync still works, and the log says why once."""
+    code = ("import logging, torch; logging.basicConfig(level=logging.WARNING)\n"
+            "from npo_engine.sync import ops, bucket_fingerprint\n"
+            "x = torch.arange(1000, dtype=torch.float32)\n"
+            "assert ops.get().name == 'torch' and ops.get().name == 'torch'\n"
+            "print(bucket_fingerprint(x))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "NPO_SYNC_EXT": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("using the PyTorch fallback") == 1 and "NPO_SYNC_EXT=0" in result.stderr
+    x = torch.arange(1000, dtype=torch.float32)
+    assert int(result.stdout.split()[-1]) == bucket_fingerprint(x)  # the same number as this process's kernels
