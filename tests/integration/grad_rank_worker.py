@@ -26,7 +26,8 @@ def main(cache_dir: str, run_dir: str, out: str, agg: str) -> None:
     batch = TrainBatch(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
                        behavior_logp=-torch.rand(input_ids.shape, generator=gen) * completion_mask,
                        rewards=torch.zeros(rows), group_ids=torch.arange(rows) // 4,
-                       policy_id=torch.tensor([0, 0, 0, 1] * 2), advantages=torch.randn(rows, generator=gen))
+                       policy_id=torch.tensor([0, 0, 0, 1] * 2), replayed=torch.zeros(rows, dtype=torch.bool),
+                       advantages=torch.randn(rows, generator=gen))
     share = rows // trainer.dist.world_size
     mine = batch.rows(trainer.dist.rank * share, (trainer.dist.rank + 1) * share)
     trainer.optimizer.step = lambda: None  # only the gradient is compared
