@@ -380,7 +380,8 @@ class Trainer:
                 _accumulate(totals, {"loss/kl": kl.detach() * weight / self.dist.world_size})
             (loss * weight).backward()
             mask = mb.completion_mask
-            mb.row_entropy.copy_((entropy.detach() * mask).sum(1) / mask.sum(1).clamp_min(1))  # a view of the batch's
+            if mb.row_entropy is not None:  # a view into the step batch's (set by `update`)
+                mb.row_entropy.copy_((entropy.detach() * mask).sum(1) / mask.sum(1).clamp_min(1))
             guide_rows = (mb.policy_id != ON_POLICY)[:, None] & mask
             tokens, guide_tokens = mask.sum(), guide_rows.sum()
             share = weight / self.dist.world_size  # this micro-batch's share of the loss of the whole batch
