@@ -131,7 +131,8 @@ class Trainer:
         self.policy_loss = algo.get_policy_loss("ppo")
 
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+                                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
+                                           fused=cfg.optim.fused or None)
         warmup = cfg.optim.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
 

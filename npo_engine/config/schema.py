@@ -471,6 +471,11 @@ class OptimConfig:
     ppo_mini_batch_size). Updates after the first are slightly off-policy, and the clip bounds them."""
     epochs: int = 1
     """Passes over the step's mini-batches (PPO epochs)."""
+    fused: bool = True
+    """AdamW's fused implementation: one pass over each tensor and no temporaries, where the default (foreach)
+    allocates parameter-sized intermediates at every update. Measured on CPU (1 thread, 42M parameters, the e2e
+    benchmark's vocabulary-151936 model): 0.60 s per update vs 2.3-2.9 s; same update up to rounding. False
+    selects torch's foreach implementation."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "optim")
