@@ -1,9 +1,15 @@
 """Rollout throughput: the embedded engine against Hugging Face `model.generate`, same model, same job.
 
-Both sides sample B sequences of exactly T new tokens from the demo architecture (random init, fp32, CPU) at
-temperature 1 with no truncation, and both end with per-token behaviour log-probs: the engine returns them,
-and the baseline computes them from `output_logits` (`log_softmax(logits.float())[token]`), as a trainer using
-`generate` would. EOS is an id outside the vocabulary, so no sequence stops early on either side.
+Workload: that of the e2e GRPO benchmark (`benchmarks/e2e/workload.py`): a random-init 4-layer Qwen2
+(hidden 256), vocabulary 50 or 151936 (`--shape`), 16 prompts "a+b=" x 8 copies = 128 sequences of exactly
+32 new tokens. Both sides sample at temperature 1 with no truncation, and both end with per-token behaviour
+log-probs: the engine returns them, and the baseline computes them from `output_logits`
+(`log_softmax(logits.float())[token]`), as a trainer using `generate` would. EOS is an id outside the
+vocabulary, so no sequence stops early on either side.
+
+The LM-head floor is the time of the decode steps' LM-head GEMMs alone (`[B, H] @ [H, V]` into a reused
+buffer, once per new token), measured in the same job: at vocabulary 151936 it is most of the arithmetic of a
+decode step, so `rollout time / floor` says how much the rest (layers, sampling, bookkeeping) adds.
 
 Runs alternate (baseline, engine, baseline, ...) after one warm-up each, so load from other jobs on a shared
 machine hits both alike. The speed-up is the median over run pairs of engine / baseline wall-clock throughput;
@@ -11,7 +17,8 @@ the table also gives each side's median throughput, and throughput per second of
 check less sensitive to that load. The default of one intra-op thread keeps a 2-core shared box from
 oversubscription, which makes multi-threaded timings swing by several times; `--threads` changes it.
 
-    python -m benchmarks.bench_rollout                  # writes benchmarks/results/cpu_rollout.{json,txt}
+    python -m benchmarks.bench_rollout --shape vocab50       # writes benchmarks/results/cpu_rollout_vocab50.*
+    python -m benchmarks.bench_rollout --shape vocab151936 --threads 2
     python -m benchmarks.bench_rollout --repeats 3 --no-write
 """
 
@@ -29,22 +36,31 @@ import torch
 import transformers
 from transformers import Qwen2ForCausalLM
 
-from npo_engine.models import build_demo_tokenizer, demo_model_config
+from benchmarks.e2e.workload import SHAPES, build_tokenizer, model_config, problems
 from npo_engine.rollout.base import SamplingParams
 from npo_engine.rollout.embedded import EmbeddedEngine
 
 _RESULTS = Path(__file__).parent / "results"
 
 
-def make_prompts(tokenizer, num: int, *, min_len: int = 10, max_len: int = 20, seed: int = 0):
-    """`num` random digit strings of min_len..max_len characters as token ids (one token per digit)."""
-    gen = torch.Generator().manual_seed(seed)
-    prompts = []
-    for _ in range(num):
-        length = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
-        digits = "".join(str(int(d)) for d in torch.randint(0, 10, (length,), generator=gen))
-        prompts.append(tokenizer(digits, add_special_tokens=False)["input_ids"])
-    return prompts
+def make_prompts(tokenizer, num: int, *, group: int = 8):
+    """`num // group` e2e prompts ("a+b="), each repeated `group` times (GRPO groups), as token ids."""
+    distinct = [tokenizer(row["prompt"], add_special_tokens=False)["input_ids"] for row in problems(num // group)]
+    return [ids for ids in distinct for _ in range(group)]
+
+
+def lm_head_floor(model, batch: int, new_tokens: int) -> float:
+    """Seconds of `new_tokens` LM-head GEMMs [batch, H] @ [H, V] into one reused buffer (median of 5 runs)."""
+    weight = model.lm_head.weight.detach()
+    hidden = torch.randn(batch, weight.shape[1])
+    out = torch.empty(batch, weight.shape[0])
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            torch.mm(hidden, weight.t(), out=out)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def hf_generate(model, prompts: list[list[int]], *, new_tokens: int, pad_id: int, eos_id: int) -> int:
@@ -92,18 +108,20 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default="vocab50")
     parser.add_argument("--sequences", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=9, help="timed runs of each side, alternating")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both sides")
     parser.add_argument("--no-write", action="store_true", help="print only; keep the committed results")
+    parser.add_argument("--prefix", default="cpu", help="results file prefix (e.g. the machine's name)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    tokenizer = build_demo_tokenizer()
-    vocab = len(tokenizer)
-    model = Qwen2ForCausalLM(demo_model_config(vocab)).eval()
+    vocab = SHAPES[args.shape]
+    tokenizer = build_tokenizer(vocab)
+    model = Qwen2ForCausalLM(model_config(vocab)).float().eval()
     engine = EmbeddedEngine(copy.deepcopy(model), eos_token_id=vocab, pad_token_id=tokenizer.pad_token_id)
     prompts = make_prompts(tokenizer, args.sequences)
     sides = {
@@ -116,6 +134,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {name: [] for name in sides}  # generated tokens per wall-clock second
     cpu_rates: dict[str, list[float]] = {name: [] for name in sides}  # ... per second of this process's CPU
     with torch.inference_mode():
+        floor_s = lm_head_floor(model, args.sequences, args.new_tokens)
         for run in sides.values():  # warm-up: allocator, lazy imports
             run()
         for _ in range(args.repeats):
@@ -133,9 +152,10 @@ def main() -> None:
     cpu_pair_ratios = [e / h for e, h in zip(cpu_rates["embedded"], cpu_rates["hf_generate"])]
     speedup, cpu_speedup = statistics.median(pair_ratios), statistics.median(cpu_pair_ratios)
     ratio_of_medians = medians["embedded"] / medians["hf_generate"]
+    engine_s = args.sequences * args.new_tokens / medians["embedded"]
     header = (
-        f"rollout throughput: {args.sequences} sequences x {args.new_tokens} new tokens, demo Qwen2 "
-        f"(vocab {vocab}, random init, fp32), prompts 10-20 tokens\n"
+        f"rollout throughput: {args.sequences} sequences x {args.new_tokens} new tokens, e2e Qwen2 (4 layers, "
+        f"hidden 256, vocab {vocab}, random init, fp32), 16 prompts 'a+b=' x 8\n"
         f"machine: {cpu_name()}, {args.threads} torch thread(s); torch {torch.__version__}, "
         f"transformers {transformers.__version__}; {args.repeats} alternating runs per side"
     )
@@ -148,6 +168,8 @@ def main() -> None:
         f"(pairs range {min(pair_ratios):.2f}-{max(pair_ratios):.2f}), {cpu_speedup:.2f}x per CPU-second"
     )
     rows.append(f"ratio of the median throughputs: {ratio_of_medians:.2f}x wall-clock")
+    rows.append(f"LM-head floor ({args.new_tokens} GEMMs [{args.sequences}, H] @ [H, {vocab}]): {floor_s:.3f} s; "
+                f"embedded rollout (median) {engine_s:.3f} s = {engine_s / floor_s:.2f}x the floor")
     text = header + "\n\n" + "\n".join(rows) + "\n"
     print(text)
 
@@ -155,6 +177,11 @@ def main() -> None:
         _RESULTS.mkdir(parents=True, exist_ok=True)
         record = {
             "benchmark": "rollout_throughput",
+            "shape": args.shape,
+            "vocab": vocab,
+            "lm_head_floor_s": floor_s,
+            "embedded_rollout_s": engine_s,
+            "command": "python -m benchmarks.bench_rollout " + " ".join(__import__("sys").argv[1:]),
             "machine": cpu_name(),
             "threads": args.threads,
             "torch": torch.__version__,
@@ -172,8 +199,8 @@ def main() -> None:
             "pair_ratios_wall": pair_ratios,
             "pair_ratios_cpu": cpu_pair_ratios,
         }
-        (_RESULTS / "cpu_rollout.json").write_text(json.dumps(record, indent=2) + "\n")
-        (_RESULTS / "cpu_rollout.txt").write_text(text)
+        (_RESULTS / f"{args.prefix}_rollout_{args.shape}.json").write_text(json.dumps(record, indent=2) + "\n")
+        (_RESULTS / f"{args.prefix}_rollout_{args.shape}.txt").write_text(text)
 
 
 if __name__ == "__main__":
