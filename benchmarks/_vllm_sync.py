@@ -66,7 +66,8 @@ def main(shape: str, repeats: int, bucket_mb: float) -> None:
         llm = LLM(model=directory, skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=256,
                   seed=0, kv_cache_memory_bytes=64 * 2**20)
     receiver = VLLMReceiver(llm)
-    nbytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+    from npo_engine.sync.plan import unique_state
+    nbytes = sum(t.numel() * t.element_size() for _, t in unique_state(model))  # a tied pair counts once
 
     def per_param():
         bump(model)

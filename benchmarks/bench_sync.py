@@ -98,7 +98,8 @@ def bench_embedded(shape: str, repeats: int, bucket_mb: float) -> dict:
 
     model = make_model(shape)
     engine = EmbeddedEngine(copy.deepcopy(model), eos_token_id=1, pad_token_id=0)
-    nbytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+    from npo_engine.sync.plan import unique_state
+    nbytes = sum(t.numel() * t.element_size() for _, t in unique_state(model))  # a tied pair counts once
     d = init_distributed()
     if d.enabled:  # under torchrun: FSDP2 shards, so both paths gather (per parameter / per group)
         model = shard_model(model, decoder_layers(model), d, param_dtype=None)

@@ -102,7 +102,8 @@ def bench_7b(report: dict, shape: str, device: torch.device, repeats: int, bucke
     engine_dtype = torch.bfloat16
     trainer = make_model(shape, device, torch.float32)  # fp32 master weights, as the trainer keeps them
     engine = EmbeddedEngine(make_model(shape, device, engine_dtype), eos_token_id=1, pad_token_id=0)
-    nbytes = sum(p.numel() * 2 for p in {id(p): p for p in trainer.state_dict().values()}.values())
+    from npo_engine.sync.plan import unique_state
+    nbytes = sum(t.numel() * 2 for _, t in unique_state(trainer))  # a tied pair counts once
     log(report, "shape", shape)
     log(report, "engine_bytes", nbytes)
     log(report, "gpu_memory_allocated_gb", round(torch.cuda.memory_allocated(device) / 1e9, 2)

@@ -24,13 +24,13 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from npo_engine.config.schema import SyncConfig
 from npo_engine.rollout.base import RolloutEngine, WeightBucket
 from npo_engine.sync import ops as sync_ops
 from npo_engine.sync.fingerprints import FingerprintBlocks
@@ -43,18 +43,8 @@ class SyncError(RuntimeError):
     """A weight sync failed or did not verify; the engine named in the message is marked stale."""
 
 
-@dataclass(frozen=True)
-class SyncSettings:
-    """What `WeightSync` needs of `npo_engine.config.SyncConfig` (the defaults and their reasons live there)."""
-
-    bucket_mb: float = 256.0
-    verify: bool = True
-    probe_every: int = 10
-    probe_tolerance: float = 0.05
-    probe_rows: int = 4
-    probe_tokens: int = 16
-    backend: str = "auto"
-
+# The settings are the run config's `sync` section (each default lives there, with its measurement).
+SyncSettings = SyncConfig
 
 LogprobFn = Callable[[list[list[int]], list[list[int]]], list[torch.Tensor]]
 
@@ -66,7 +56,7 @@ class WeightSync:
         engine: the receiver (`RolloutEngine.load_buckets`, and `score` for the probe).
         role: the engine's name in metrics and errors.
         dtype: the engine's floating dtype (tensors are cast to it before the gather); None keeps the trainer's.
-        config: bucket size, verification and probe settings (a `SyncConfig` or `SyncSettings`).
+        config: bucket size, verification and probe settings (`npo_engine.config.SyncConfig`).
         trainer_logprobs: (prompts, completions) -> per-token fp32 log-probs under the trainer's weights, for the
             probe; collective under FSDP, like the sync. None disables the probe.
         temperature: the temperature both sides score the probe at (the rollout's).
@@ -248,7 +238,9 @@ class WeightSync:
         or the CPU."""
         model = getattr(self.engine, "model", None)
         if isinstance(model, nn.Module):
-            return next(model.parameters()).device
+            device = next(model.parameters()).device
+            if device.type != "meta":
+                return device
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def _pack(self, plan: SyncPlan, index: int, srcs: list[torch.Tensor], views: list[torch.Tensor], verify: bool,
