@@ -22,7 +22,7 @@ import time
 for _name in ("torchvision", "torchaudio", "torchcodec"):
     sys.modules.setdefault(_name, None)
 
-import torch  # noqa: E402
+import torch
 
 
 class VLLMReceiver:
@@ -55,9 +55,9 @@ class VLLMReceiver:
 
 def main(shape: str, repeats: int, bucket_mb: float) -> None:
     torch.set_num_threads(1)
-    from benchmarks.bench_sync import bump, make_model
     from vllm import LLM
 
+    from benchmarks.bench_sync import bump, make_model
     from npo_engine.sync import SyncSettings, WeightSync, iter_full_weights
 
     model = make_model(shape)

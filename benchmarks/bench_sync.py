@@ -34,7 +34,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -151,8 +150,8 @@ def bench_vllm(shape: str, repeats: int, bucket_mb: float) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | receiver | ranks | MB | buckets | per-parameter s | bucketed, no verify s | bucketed + "
-             "fingerprints s | speed-up | fingerprint overhead |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| model | receiver | ranks | MB | buckets | per-parameter s | bucketed, no verify s | bucketed + "
+              "fingerprints s | speed-up | fingerprint overhead |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['receiver']} | | error: see JSON | | | | | | |")

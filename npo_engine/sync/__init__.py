@@ -8,8 +8,15 @@ log-prob parity probe every few syncs. `push_weights` is the one-call form.
 
 from npo_engine.sync.fingerprints import FingerprintBlocks, bucket_fingerprint
 from npo_engine.sync.plan import SyncPlan, build_plan
-from npo_engine.sync.weights import (SyncError, SyncSettings, WeightSync, fingerprint, iter_full_weights,
-                                     policy_logprob_fn, push_weights)
+from npo_engine.sync.weights import (
+                                     SyncError,
+                                     SyncSettings,
+                                     WeightSync,
+                                     fingerprint,
+                                     iter_full_weights,
+                                     policy_logprob_fn,
+                                     push_weights,
+)
 
 __all__ = ["FingerprintBlocks", "SyncError", "SyncPlan", "SyncSettings", "WeightSync", "bucket_fingerprint",
            "build_plan", "fingerprint", "iter_full_weights", "policy_logprob_fn", "push_weights"]

@@ -129,7 +129,7 @@ class FingerprintBlocks:
         self.sums = torch.zeros(num_blocks(nbytes), dtype=torch.int64, device=device)
         self._ops = ops.get(backend)
 
-    def add(self, data: torch.Tensor, byte_offset: int) -> "FingerprintBlocks":
+    def add(self, data: torch.Tensor, byte_offset: int) -> FingerprintBlocks:
         if byte_offset % 4:
             raise ValueError(f"byte_offset must be a multiple of 4, got {byte_offset}")
         if byte_offset + data.numel() * data.element_size() > self.nbytes:

@@ -24,8 +24,9 @@ import platform
 import shutil
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 import torch
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -103,7 +103,7 @@ class WeightSync:
         if verify:
             self._check_fingerprints(plan, sent, received, where)
         self.syncs += 1
-        setattr(self.engine, "weights_stale", None)
+        self.engine.weights_stale = None
         seconds = time.perf_counter() - start
         role = self.role
         metrics = {"time/sync": seconds, f"time/sync/{role}": seconds,
@@ -123,7 +123,7 @@ class WeightSync:
         return self.plan
 
     def _mark_stale(self, reason: str) -> None:
-        setattr(self.engine, "weights_stale", reason)
+        self.engine.weights_stale = reason
 
     # --------------------------------------------------------------------------------------- gather + pack
 
@@ -373,7 +373,7 @@ def push_weights(model: nn.Module, engine: RolloutEngine, *, dtype: torch.dtype 
     sync = getattr(engine, "_npo_weight_sync", None)
     if not isinstance(sync, WeightSync) or sync.config != settings or sync.dtype != dtype or sync.role != role:
         sync = WeightSync(engine, role, dtype=dtype, config=settings)
-        setattr(engine, "_npo_weight_sync", sync)
+        engine._npo_weight_sync = sync
     return sync.push(model, step=step)
 
 

@@ -28,8 +28,16 @@ from npo_engine.distributed import apply_activation_checkpointing
 from npo_engine.models import LogprobModel, demo_model_config
 from npo_engine.rollout.base import BUCKET_ALIGN, SamplingParams
 from npo_engine.rollout.embedded import EmbeddedEngine
-from npo_engine.sync import (SyncError, SyncSettings, WeightSync, bucket_fingerprint, fingerprint, iter_full_weights,
-                             policy_logprob_fn, push_weights)
+from npo_engine.sync import (
+    SyncError,
+    SyncSettings,
+    WeightSync,
+    bucket_fingerprint,
+    fingerprint,
+    iter_full_weights,
+    policy_logprob_fn,
+    push_weights,
+)
 
 HERE = Path(__file__).parent
 # Odd, so that under FSDP2 the [V, H] embedding splits unevenly over 2 ranks (19 + 18 rows).
@@ -290,7 +298,8 @@ def test_fsdp2_gather_two_ranks(tmp_path):
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                str(HERE / "sync_dist_worker.py"), str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=_WORKER_ENV)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=240,
+                            env=_WORKER_ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -440,3 +449,27 @@ def test_engine_score_matches_the_trainer_at_a_temperature():
     for a, b, c in zip(got, trainer, completions):
         assert a.dtype == torch.float32 and a.shape == (len(c),)
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("verify", [True, False])
+def test_cuda_sync_fills_a_bf16_engine_with_the_cast(verify):
+    """On CUDA: fp32 trainer weights into a bf16 engine through the CUDA kernels (or the fallback where nvcc was
+    missing); the engine holds exactly the cast, and a corrupted bucket is still caught."""
+    lm = make_lm().cuda()
+    perturb(lm)
+    engine = make_engine(lm, torch.bfloat16)
+    sync = WeightSync(engine, "policy", dtype=torch.bfloat16, config=SyncSettings(bucket_mb=0.05, probe_every=0,
+                                                                                 verify=verify))
+    metrics = sync.push(lm, step=0)
+    expected = {name: t.to(torch.bfloat16) for name, t in lm.state_dict().items()}
+    assert_state_equal(expected, engine.model.state_dict())
+    assert metrics["sync/buckets/policy"] == len(sync.plan.buckets) > 1
+    if verify:
+        bad = _engine(CorruptingEngine, lm, torch.bfloat16)
+        with pytest.raises(SyncError, match="arrived different"):
+            WeightSync(bad, "policy", dtype=torch.bfloat16, config=SyncSettings(bucket_mb=0.05, probe_every=0)
+                       ).push(lm, step=1)
