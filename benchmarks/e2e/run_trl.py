@@ -99,6 +99,10 @@ def main() -> None:
     trainer.train()
     if _proc.wait_command() == "step":
         raise RuntimeError("TRL finished its max_steps before the driver's last step")
+    # Every completion must have had exactly 32 tokens (EOS is never sampled), as on the other side.
+    lengths = [row["completions/mean_length"] for row in trainer.state.log_history if "completions/mean_length" in row]
+    if not lengths or any(abs(n - 32) > 1e-6 for n in lengths):
+        raise RuntimeError(f"TRL completions were not all 32 tokens long: mean lengths {lengths}")
     _proc.send(event="done", peak_rss_bytes=_proc.status_bytes("VmHWM"), peak_since=peak_since)
 
 
