@@ -20,10 +20,12 @@ This file is the engine, which drives them:
 - **Bucketed, deduplicated prefill.** Distinct prompts are prefilled once each (a GRPO group of n copies costs
   one), in buckets of similar length so little compute goes to pads; each bucket's K/V land in its rows.
 - **Compaction.** Rows that stopped on EOS leave the batch (with their cache rows) once enough have stopped.
-- **No vocabulary-sized allocation per step.** The engine keeps its `[B, V]` logits buffer (the LM head writes
-  into it on the Llama-family path) and the sampler's `[B, V]` workspace from call to call, and the KV cache's
-  memory too (`kv_cache.CacheStorage`). On CPU a fresh block of that size is a fresh mmap, paid in page faults
-  and zeroing at every step: 78 MB per tensor at `128 × 151936`.
+- **No vocabulary-sized allocation per step.** One `generate` call allocates its `[B, V]` logits buffer (the LM
+  head writes into it on the Llama-family path) and the sampler's `[B, V]` workspace once, reuses them at
+  every decode step and batch chunk, and frees them when it returns, so they are not resident while the
+  trainer trains; the KV cache's memory (`kv_cache.CacheStorage`, small) stays from call to call. On CPU a
+  fresh block of that size is a fresh mmap, paid in page faults and zeroing: 78 MB per tensor at
+  `128 × 151936`, once per call instead of once per step.
 
 Limits: full-attention layers only (no sliding windows). Rows of one batch are sampled together, so a row's
 draw depends on the seed and on the batch it was in.
@@ -99,8 +101,8 @@ class EmbeddedEngine:
         self._device = next(model.parameters()).device
         self._generator = torch.Generator(device=self._device).manual_seed(seed)
         self._eos = torch.tensor(self.eos_token_ids, device=self._device)
-        # Memory reused from batch to batch (module docstring): the KV cache's, the logits and the sampling
-        # workspace, each grown to the largest batch seen.
+        # Memory reused across decode steps (module docstring): the KV cache's (kept from call to call), and the
+        # logits and sampling workspace (kept for one `generate` call).
         self._cache_storage = CacheStorage()
         self._buffers: dict[str, torch.Tensor] = {}
 
@@ -128,6 +130,7 @@ class EmbeddedEngine:
                 out.token_ids += tokens
                 out.logprobs += logprobs
                 out.finish_reasons += reasons
+        self._buffers.clear()  # [B, V] each: not resident between rollouts
         out.stats = {
             "tokens_generated": float(sum(len(t) for t in out.token_ids)),
             "seconds": time.perf_counter() - start,
