@@ -74,6 +74,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two minutes on 2 cores; the tensor-parallel test below also runs vLLM under 2-rank torchrun
 @pytest.mark.dist
 def test_torchrun_two_ranks_two_steps(tmp_path, cache_dir):
     script = Path(sys.executable).parent / "torchrun"
