@@ -28,7 +28,7 @@ from npo_engine.algo.npo import guide_slot
 from npo_engine.config import ConfigError, TrainConfig
 from npo_engine.data.records import PromptRecord
 from npo_engine.data.samples import GUIDE, ON_POLICY, Groups, Sample
-from npo_engine.distributed import all_gather_objects, all_reduce_sum
+from npo_engine.distributed import all_gather_objects, all_reduce_sum, barrier
 from npo_engine.guides import (SUCCESS_REWARD, GuideHost, NoMixing, put_in_slot, rescore, sample_verified,
                                stream_seed)
 from npo_engine.models import check_model_dir, ensure_demo_teacher, load_causal_lm, load_tokenizer
@@ -65,8 +65,14 @@ class TeacherMixing(NoMixing):
         if cfg.path:
             path, key = Path(cfg.path).expanduser(), "teacher.path"
         else:
-            path, key = ensure_demo_teacher(self.cfg.model.demo_cache_dir, cfg.demo_sft_steps,
-                                            progress=self.cfg.logging.progress and host.dist.is_main), "teacher"
+            def build() -> Path:
+                return ensure_demo_teacher(self.cfg.model.demo_cache_dir, cfg.demo_sft_steps,
+                                           progress=self.cfg.logging.progress and host.dist.is_main)
+
+            if host.dist.is_main:  # one rank builds it; the others then find it in the cache
+                build()
+            barrier()
+            path, key = build(), "teacher"
         host.guide_engine(load_source_model(host, path, key))
         host.event("teacher_loaded", path=str(path))
 
