@@ -1,9 +1,9 @@
 // CUDA kernels of the weight-sync path: pack (many tensors cast and copied into one bucket in one launch) and the
 // bucket fingerprint (per 4 KiB block sums, then the combine), specified in npo_engine/sync/fingerprints.py.
 //
-// Standalone on purpose: this file includes only the CUDA runtime, so CI compile-checks it with `nvcc -c` on a
-// machine without a GPU or CUDA torch (tests/csrc/test_sync_ext.py). The torch binding is sync_cuda_binding.cpp,
-// which calls the extern "C" launchers below. Casts follow c10 (round to nearest even; NaN -> 0x7FC0 for bf16).
+// Standalone on purpose: this file includes only the CUDA runtime and sync_cuda.h (the descriptors and launchers
+// it shares with the torch binding, sync_cuda_binding.cpp), so CI compile-checks it with `nvcc -c` on a machine
+// without a GPU or CUDA torch (tests/csrc/test_sync_ext.py). Casts follow c10 (round to nearest even; NaN -> 0x7FC0 for bf16).
 //
 // Launch shapes: pack, one thread block per copy piece (<= kPieceBytes of bucket); hash, one thread block per
 // fingerprint block (owns sums[b], no atomics); combine, grid-stride with one 64-bit atomicAdd per thread block.
@@ -12,6 +12,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include "sync_cuda.h"
 
 namespace {
 
@@ -53,23 +55,6 @@ __device__ unsigned long long block_reduce(unsigned long long v) {
 }
 
 }  // namespace
-
-// One piece of a pack: `count` elements from src (type src_type) to dst (type dst_type); src == 0 writes zeros
-// (`count` bytes, dst_type 3). Types: 0 fp32, 1 bf16, 2 fp16, 3 raw bytes (copy without cast).
-struct NpoPackPiece {
-  const uint8_t* src;
-  uint8_t* dst;
-  int64_t count;
-  int32_t src_type;
-  int32_t dst_type;
-};
-
-// A range of bytes to fingerprint: `len` bytes at `ptr`, placed at bucket byte `pos` (a multiple of 4).
-struct NpoHashRange {
-  const uint8_t* ptr;
-  int64_t pos;
-  int64_t len;
-};
 
 __global__ void npo_pack_kernel(const NpoPackPiece* pieces) {
   const NpoPackPiece p = pieces[blockIdx.x];

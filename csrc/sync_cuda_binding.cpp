@@ -11,27 +11,8 @@
 #include <cstdint>
 #include <vector>
 
-struct NpoPackPiece {
-  const uint8_t* src;
-  uint8_t* dst;
-  int64_t count;
-  int32_t src_type;
-  int32_t dst_type;
-};
+#include "sync_cuda.h"
 
-struct NpoHashRange {
-  const uint8_t* ptr;
-  int64_t pos;
-  int64_t len;
-};
-
-extern "C" {
-cudaError_t npo_sync_pack(const NpoPackPiece* pieces, int n, cudaStream_t stream);
-cudaError_t npo_sync_hash(const NpoHashRange* ranges, int nranges, const long long* keys, unsigned long long* sums,
-                          int64_t first_block, int64_t nblocks, cudaStream_t stream);
-cudaError_t npo_sync_combine(const unsigned long long* sums, int64_t nblocks, unsigned long long* out,
-                             cudaStream_t stream);
-}
 
 namespace {
 

@@ -160,7 +160,8 @@ def _sources_tag(paths: Sequence[Path]) -> str:
 def _build(name: str, sources: list[Path], *, cuda: bool) -> Any:
     from torch.utils import cpp_extension
 
-    build_dir = _cache_dir() / f"{name}_{_sources_tag(sources)}"
+    # A header the sources include changes the build too (sync_cuda.h).
+    build_dir = _cache_dir() / f"{name}_{_sources_tag(sources + sorted(CSRC.glob('*.h')))}"
     build_dir.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"extra_cflags": ["-O3", "-fopenmp"], "extra_ldflags": ["-fopenmp"]}
     if cuda:
