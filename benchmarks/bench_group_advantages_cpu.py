@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from benchmarks.bench_rollout import cpu_name
+    from benchmarks._machine import cpu_name
 
     rows = ["| ids | round | simple (median) | public op (median) | speed-up (median of call pairs) |",
             "|---|---:|---:|---:|---:|"]

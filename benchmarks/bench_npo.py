@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch
 from npo_engine import Trainer, load_config
 from npo_engine.guides import build_guide_cache
 from npo_engine.sync import push_weights
+from benchmarks._machine import cpu_name
 
 _RESULTS = Path(__file__).parent / "results"
 
@@ -39,11 +39,6 @@ def _trainers(workdir: Path, prompts: int, window: int) -> tuple[Trainer, Traine
     return grpo, npo
 
 
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def main() -> None:
@@ -105,7 +100,7 @@ def main() -> None:
 
     rollout_sequences = args.prompts * grpo.cfg.rollout.group_size
     result = {
-        "machine": _cpu_name(), "torch": torch.__version__,
+        "machine": cpu_name(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "prompts_per_step": args.prompts, "steps": args.steps,
         "grpo_step_s_median": grpo_median, "npo_step_s_median": npo_median,
         "npo_over_grpo": npo_median / grpo_median, "guide_slots_per_step_mean": statistics.mean(slots),

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from transformers import Qwen2ForCausalLM
 from benchmarks.e2e.workload import SHAPES, build_tokenizer, model_config, problems
 from npo_engine.rollout.base import SamplingParams
 from npo_engine.rollout.embedded import EmbeddedEngine
+from benchmarks._machine import cpu_name
 
 _RESULTS = Path(__file__).parent / "results"
 
@@ -98,14 +98,6 @@ def engine_generate(engine: EmbeddedEngine, prompts: list[list[int]], *, new_tok
     return sum(len(t) for t in out.token_ids)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,21 +30,13 @@ from npo_engine.config import VLLMConfig
 from npo_engine.models import demo_model_config
 from npo_engine.rollout.base import SamplingParams
 from npo_engine.rollout.embedded import EmbeddedEngine
+from benchmarks._machine import cpu_name
 
 _RESULTS = Path(__file__).parent / "results"
 VOCAB = 52
 NEVER = VOCAB  # EOS: an id outside the vocabulary, never drawn
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -7,25 +7,16 @@ for the test suite), then `python -m benchmarks.report <file>`.
 from __future__ import annotations
 
 import os
-import platform
 
 import pytest
 import torch
+from benchmarks._machine import cpu_name
 
 if not torch.cuda.is_available():
     # The project's CPU machines have 2 cores shared with other jobs; more threads only add contention.
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @pytest.hookimpl(optionalhook=True)   # optional: the plugin may be absent (benchmarks/_shim.py stands in)
@@ -37,8 +28,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     except ImportError:
         triton_version = None
     machine_info.update(
-        device=torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_model(),
-        cpu_model=cpu_model(),
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name(),
+        cpu_model=cpu_name(),
         torch=torch.__version__,
         cuda=torch.version.cuda,
         triton=triton_version,

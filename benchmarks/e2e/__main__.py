@@ -41,20 +41,13 @@ import transformers
 
 from benchmarks.e2e import _proc
 from benchmarks.e2e.workload import SHAPES, build
+from benchmarks._machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 NEW_TOKENS, BATCH = 32, 16 * 8
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Worker:

@@ -13,11 +13,27 @@ the reading is the peak since the process started (`peak_since` says which).
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import sys
 
+import torch
+
 MARK = "@@e2e "  # prefix of protocol lines on stdout (libraries print too)
+
+
+def worker_args() -> argparse.Namespace:
+    """The command line every worker takes from the driver; sets the torch thread count it names."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--micro-batch", type=int, required=True)
+    parser.add_argument("--run-dir", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def send(**record) -> None:

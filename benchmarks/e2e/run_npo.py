@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -44,14 +43,7 @@ def npo_overrides(model_dir: str, threads: int, steps: int, micro_batch: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model_dir")
-    parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--micro-batch", type=int, required=True)
-    parser.add_argument("--run-dir", required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = _proc.worker_args()
 
     import npo_engine
     from npo_engine import Trainer, load_config

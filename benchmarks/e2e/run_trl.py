@@ -12,7 +12,6 @@ advantages, the log-prob forwards, backward and the optimizer update.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -22,14 +21,7 @@ from benchmarks.e2e.workload import read_problems
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model_dir")
-    parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--micro-batch", type=int, required=True)
-    parser.add_argument("--run-dir", required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = _proc.worker_args()
 
     import transformers
     import trl
