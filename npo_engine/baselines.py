@@ -47,8 +47,30 @@ def load_source_model(host: GuideHost, path: Path, key: str) -> torch.nn.Module:
     return load_causal_lm(path, torch.float32)
 
 
-def _first_of_each(groups: Groups) -> list[Sample]:
-    return [group[0] for group in groups.groups()]
+def fill_from_source(host: GuideHost, groups: Groups, *, samples: int, temperature: float, stream: str,
+                     count: int, policy_id: int, logp_source: str, source: str) -> tuple[list[Sample], list[int],
+                                                                                         list[float]]:
+    """Sample `samples` completions of each group's prompt from the guide engine (a teacher or a converged
+    policy), and put up to `count` verified ones, chosen uniformly, into the group's last `count` slots, with
+    zero behaviour log-probs (none exist: π_teacher ≡ 1, or recomputed later), their rewards recomputed.
+
+    Seeds come from (run seed, `stream`, step, rank), so a resume or rollback sees the same trajectories.
+    Returns the samples placed, the number of successes per group, and every sampled reward (prompt-major).
+    """
+    cfg, n = host.cfg, groups.group_size
+    firsts = [group[0] for group in groups.groups()]
+    successes, rewards = sample_verified(
+        host, host.guide_engine(), firsts, [s.prompt_ids for s in firsts], samples=samples, temperature=temperature,
+        seed=stream_seed(cfg.run.seed, stream, groups.step, host.dist.rank))
+    pick = random.Random(stream_seed(cfg.run.seed, f"{stream}_pick", groups.step, host.dist.rank))
+    placed = [
+        put_in_slot(groups, g * n + n - count + j, trace, torch.zeros(len(trace)), policy_id=policy_id,
+                    logp_source=logp_source, source=source)
+        for g, found in enumerate(successes)
+        for j, trace in enumerate(experience.pick_successes(found, count, pick))
+    ]
+    rescore(host, placed)
+    return placed, [len(found) for found in successes], rewards
 
 
 class TeacherMixing(NoMixing):
@@ -78,22 +100,13 @@ class TeacherMixing(NoMixing):
 
     def mix(self, groups: Groups, host: GuideHost) -> dict[str, float]:
         super().mix(groups, host)  # each group's on-policy accuracy, before the teacher's slot
-        cfg, n, started = self.cfg, groups.group_size, time.perf_counter()
-        firsts = _first_of_each(groups)
-        successes, rewards = sample_verified(
-            host, host.guide_engine(), firsts, [s.prompt_ids for s in firsts], samples=cfg.teacher.samples,
-            temperature=cfg.teacher.temperature,
-            seed=stream_seed(cfg.run.seed, "teacher", groups.step, host.dist.rank))
-        pick = random.Random(stream_seed(cfg.run.seed, "teacher_pick", groups.step, host.dist.rank))
-        placed = [
-            put_in_slot(groups, g * n + guide_slot(n), trace, torch.zeros(len(trace)), policy_id=GUIDE,
-                        logp_source="teacher", source="teacher")
-            for g, found in enumerate(successes) if found
-            for trace in experience.pick_successes(found, 1, pick)
-        ]
-        rescore(host, placed)
+        cfg, started = self.cfg.teacher, time.perf_counter()
+        # One slot, the last one: the slot an NPO guide takes (`algo.npo.guide_slot`).
+        placed, found, rewards = fill_from_source(host, groups, samples=cfg.samples, temperature=cfg.temperature,
+                                                  stream="teacher", count=1, policy_id=GUIDE,
+                                                  logp_source="teacher", source="teacher")
         totals = all_reduce_sum(torch.tensor([
-            len(placed), len(firsts), sum(s.reward for s in placed),
+            len(placed), len(found), sum(s.reward for s in placed),
             sum(r >= SUCCESS_REWARD for r in rewards), len(rewards)], dtype=torch.float64)).tolist()
         return {"guide/slots": totals[0], "guide/coverage": totals[0] / max(totals[1], 1.0),
                 "guide/reward_mean": totals[2] / totals[0] if totals[0] else float("nan"),
@@ -219,22 +232,12 @@ class ConvergedRunMixing(NoMixing):
 
     def mix(self, groups: Groups, host: GuideHost) -> dict[str, float]:
         super().mix(groups, host)
-        cfg, n, replay, started = self.cfg, groups.group_size, self.cfg.rlep.replay, time.perf_counter()
-        firsts = _first_of_each(groups)
-        successes, rewards = sample_verified(
-            host, host.guide_engine(), firsts, [s.prompt_ids for s in firsts], samples=cfg.rlep.samples,
-            temperature=cfg.rlep.temperature, seed=stream_seed(cfg.run.seed, "rlep", groups.step, host.dist.rank))
-        pick = random.Random(stream_seed(cfg.run.seed, "rlep_pick", groups.step, host.dist.rank))
-        placed = [
-            put_in_slot(groups, g * n + n - replay + j, trace, torch.zeros(len(trace)), policy_id=ON_POLICY,
-                        logp_source="replay", source="replay")
-            for g, found in enumerate(successes)
-            for j, trace in enumerate(experience.pick_successes(found, replay, pick))
-        ]
-        rescore(host, placed)
-        covered = sum(bool(found) for found in successes)
+        cfg, started = self.cfg.rlep, time.perf_counter()
+        placed, found, rewards = fill_from_source(host, groups, samples=cfg.samples, temperature=cfg.temperature,
+                                                  stream="rlep", count=cfg.replay, policy_id=ON_POLICY,
+                                                  logp_source="replay", source="replay")
         totals = all_reduce_sum(torch.tensor([
-            len(placed), covered, len(firsts), sum(s.reward for s in placed),
+            len(placed), sum(k > 0 for k in found), len(found), sum(s.reward for s in placed),
             sum(r >= SUCCESS_REWARD for r in rewards), len(rewards)], dtype=torch.float64)).tolist()
         return {"guide/slots": totals[0], "guide/coverage": totals[1] / max(totals[2], 1.0),
                 "guide/reward_mean": totals[3] / totals[0] if totals[0] else float("nan"),
