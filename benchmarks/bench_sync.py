@@ -109,19 +109,22 @@ def bench_embedded(shape: str, repeats: int, bucket_mb: float) -> dict:
         bump(model)
         return per_param_sync(model, engine)
 
-    syncs = {verify: WeightSync(engine, "policy", dtype=None,
-                                config=SyncSettings(bucket_mb=bucket_mb, verify=verify, probe_every=0))
-             for verify in (False, True)}
+    # (verify, keep_buffers) -> sync; the default is (True, False).
+    syncs = {(verify, keep): WeightSync(engine, "policy", dtype=None,
+                                        config=SyncSettings(bucket_mb=bucket_mb, verify=verify, probe_every=0,
+                                                            keep_buffers=keep))
+             for verify, keep in ((False, False), (True, False), (True, True))}
 
-    def run_bucketed(verify):
+    def run_bucketed(verify, keep=False):
         def run():
             bump(model)
-            return syncs[verify].push(model, step=0)["time/sync"]
+            return syncs[verify, keep].push(model, step=0)["time/sync"]
         return run
 
     # Interleaved rounds, so a busy neighbour on the machine slows every variant alike.
-    times: dict[str, list[float]] = {"per_param": [], "bucketed_noverify": [], "bucketed": []}
-    runners = {"per_param": run_per_param, "bucketed_noverify": run_bucketed(False), "bucketed": run_bucketed(True)}
+    runners = {"per_param": run_per_param, "bucketed_noverify": run_bucketed(False), "bucketed": run_bucketed(True),
+               "bucketed_kept_buffers": run_bucketed(True, keep=True)}
+    times: dict[str, list[float]] = {key: [] for key in runners}
     for fn in runners.values():
         fn()
     for _ in range(repeats):
@@ -131,7 +134,7 @@ def bench_embedded(shape: str, repeats: int, bucket_mb: float) -> dict:
 
     state = engine.model.state_dict()
     results["engine_equals_trainer"] = all(torch.equal(state[k], v) for k, v in iter_full_weights(model))
-    results["buckets"] = len(syncs[True].plan.buckets)
+    results["buckets"] = len(syncs[True, False].plan.buckets)
     for key, values in times.items():
         results[key] = statistics.median(values)
         results[key + "_all"] = values
@@ -151,15 +154,17 @@ def bench_vllm(shape: str, repeats: int, bucket_mb: float) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [("| model | receiver | ranks | MB | buckets | per-parameter s | bucketed, no verify s | bucketed + "
-              "fingerprints s | speed-up | fingerprint overhead |"), "|---|---|---|---|---|---|---|---|---|---|"]
+              "fingerprints s | speed-up | fingerprint overhead | + fingerprints, buffers kept s |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['receiver']} | | error: see JSON | | | | | | |")
+            lines.append(f"| {r['model']} | {r['receiver']} | | error: see JSON | | | | | | | |")
             continue
+        kept = f"{r['bucketed_kept_buffers']:.4f}" if "bucketed_kept_buffers" in r else ""  # the vLLM rows
         lines.append(
             f"| {r['model']} | {r['receiver']} | {r.get('ranks', 1)} | {r['bytes'] / 1e6:.1f} | {r['buckets']} | {r['per_param']:.4f} | "
             f"{r['bucketed_noverify']:.4f} | {r['bucketed']:.4f} | {r['per_param'] / r['bucketed']:.2f}x | "
-            f"{100 * (r['bucketed'] / r['bucketed_noverify'] - 1):+.1f} % |")
+            f"{100 * (r['bucketed'] / r['bucketed_noverify'] - 1):+.1f} % | {kept} |")
     return "\n".join(lines)
 
 

@@ -97,8 +97,8 @@ class WeightSync:
             raise SyncError(f"{where} failed {half} ({type(exc).__name__}: {exc}); the engine may now hold a mix of "
                             "old and new weights and is marked stale until a sync succeeds") from exc
         finally:
-            if not getattr(self.engine, "releases_buckets", False) and self._device.type == "cuda":
-                self._buffers.clear()  # per-bucket buffers would hold a whole model copy on the GPU
+            if not self.config.keep_buffers or self._device.type == "cuda":
+                self._buffers.clear()  # between syncs the bucket memory belongs to training
                 self._views.clear()
         if verify:
             self._check_fingerprints(plan, sent, received, where)
@@ -223,8 +223,7 @@ class WeightSync:
 
     def _buffer(self, plan: SyncPlan, index: int, reuse: bool) -> torch.Tensor:
         """The memory of bucket `index`: one buffer for all buckets when the engine releases each bucket before
-        asking for the next; else one per bucket (kept between syncs on the CPU, where a fresh allocation costs
-        page faults; freed after each sync on CUDA, where memory is scarce and the caching allocator is cheap)."""
+        asking for the next; else one per bucket. Freed after each sync unless `sync.keep_buffers` (CPU only)."""
         device = self._device
         key = (-1 if reuse else index, device)
         if key not in self._buffers:

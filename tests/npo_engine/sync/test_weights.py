@@ -177,18 +177,33 @@ def test_buckets_are_bounded_and_cover_every_tensor_once():
 
 
 def test_plan_is_built_once_and_reused():
-    """Names are mapped and offsets laid out at the first sync only; later syncs reuse the plan and its buffer."""
+    """Names are mapped and offsets laid out at the first sync only; later syncs reuse the plan. The bucket
+    memory is freed after each sync (the training step never holds it) unless `keep_buffers`."""
     lm = make_lm()
     engine = make_engine(lm)
     sync = WeightSync(engine, "policy", dtype=None, config=SyncSettings(bucket_mb=0.05, probe_every=0))
     sync.push(lm, step=0)
-    plan, buffers = sync.plan, dict(sync._buffers)
+    plan = sync.plan
+    assert sync._buffers == {} and sync._views == {}
     perturb(lm)
     sync.push(lm, step=1)
-    assert sync.plan is plan and sync._buffers == buffers
-    assert len(buffers) == 1  # the embedded engine releases each bucket: one buffer serves them all
+    assert sync.plan is plan and sync._buffers == {}
     assert_state_equal(lm.state_dict(), engine.model.state_dict())
     assert [g.name for g in plan.groups] == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm"]
+
+
+def test_kept_buffers_are_reused_between_syncs():
+    lm = make_lm()
+    engine = make_engine(lm)
+    sync = WeightSync(engine, "policy", dtype=None,
+                      config=SyncSettings(bucket_mb=0.05, probe_every=0, keep_buffers=True))
+    sync.push(lm, step=0)
+    buffers = dict(sync._buffers)
+    assert len(buffers) == 1  # the embedded engine releases each bucket: one buffer serves them all
+    perturb(lm)
+    sync.push(lm, step=1)
+    assert sync._buffers == buffers
+    assert_state_equal(lm.state_dict(), engine.model.state_dict())
 
 
 @pytest.mark.parametrize("backend", ["torch", "csrc"])
