@@ -104,6 +104,14 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Elementwise max of a (small) tensor over ranks; identity for a single process."""
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def all_gather_objects(obj):
     """Gather one picklable object per rank (a list in rank order); [obj] for a single process."""
     if not dist.is_initialized():

@@ -36,6 +36,7 @@ from npo_engine.data.sampler import PromptSampler, build_prompt_sets, check_prom
 from npo_engine.data.samples import GUIDE, ON_POLICY, Groups, Sample
 from npo_engine.distributed import (
     all_gather_objects,
+    all_reduce_max,
     all_reduce_sum,
     apply_activation_checkpointing,
     barrier,
@@ -81,7 +82,12 @@ class TrainBatch:
     row_entropy: torch.Tensor | None = None
 
     def rows(self, start: int, stop: int) -> TrainBatch:
+        """Rows [start, stop) as views (writes to `row_entropy` reach this batch)."""
         return TrainBatch(**{name: None if value is None else value[start:stop] for name, value in vars(self).items()})
+
+    def select(self, index: torch.Tensor) -> TrainBatch:
+        """The rows of `index` ([n] int64) as copies."""
+        return TrainBatch(**{name: None if value is None else value[index] for name, value in vars(self).items()})
 
 
 class Trainer:
@@ -357,34 +363,43 @@ class Trainer:
         its units over U, the units of the whole mini-batch summed over ranks (`algo.loss_units`); summed over
         micro-batches and ranks that is the loss of the whole mini-batch at once, whatever the micro-batch size
         and the number of ranks. (FSDP averages gradients over ranks, hence the × world_size below.)
+
+        Rows with zero advantage everywhere are scored without gradient (`optim.skip_zero_advantage`,
+        `algo.micro_batches`): the same loss, gradient and metrics, without their backward.
         """
         cfg = self.cfg
         units = algo.loss_units(batch.completion_mask, cfg.algo.loss_agg)
         total_units = all_reduce_sum(units.sum().reshape(1)).clamp_min(1)[0]
         totals: dict[str, torch.Tensor] = {}
         self.optimizer.zero_grad(set_to_none=True)
-        micro = cfg.optim.micro_batch_size
-        for lo in range(0, batch.input_ids.shape[0], micro):
-            mb = batch.rows(lo, lo + micro)
-            logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.completion_mask,
-                                        **self._sampling_support, return_entropy=True)
-            pg_loss, pg_metrics = self.policy_loss(logp, mb.behavior_logp, mb.advantages, mb.completion_mask,
-                                                   cfg.algo, policy_id=mb.policy_id,
-                                                   norm_length=cfg.rollout.max_new_tokens,
-                                                   guide_transform=algo.guide_transform(cfg.mix.guide_weighting),
-                                                   shaping_gamma=cfg.mix.shaping_gamma, backend=cfg.kernels.backend)
-            # FSDP averages gradients over ranks; × world_size turns that mean back into the sum the global
-            # normalizer needs (a single process has world_size 1).
-            weight = (units[lo : lo + micro].sum() / total_units * self.dist.world_size).to(pg_loss.dtype)
-            loss = pg_loss
-            if self.ref_policy is not None:
-                kl = cfg.algo.kl_coef * self._kl_term(mb, logp)
-                loss = loss + kl
-                _accumulate(totals, {"loss/kl": kl.detach() * weight / self.dist.world_size})
-            (loss * weight).backward()
+        skipped_rows = 0
+        for micro_batch in self._plan_micro_batches(batch):
+            mb = batch.select(micro_batch.rows)
+            with torch.set_grad_enabled(micro_batch.grad):
+                logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.completion_mask,
+                                            **self._sampling_support, return_entropy=True)
+                pg_loss, pg_metrics = self.policy_loss(
+                    logp, mb.behavior_logp, mb.advantages, mb.completion_mask, cfg.algo, policy_id=mb.policy_id,
+                    norm_length=cfg.rollout.max_new_tokens,
+                    guide_transform=algo.guide_transform(cfg.mix.guide_weighting),
+                    shaping_gamma=cfg.mix.shaping_gamma, backend=cfg.kernels.backend)
+                # FSDP averages gradients over ranks; × world_size turns that mean back into the sum the global
+                # normalizer needs (a single process has world_size 1). Padding micro-batches weigh 0.
+                weight = units[micro_batch.rows].sum() / total_units * self.dist.world_size * micro_batch.counted
+                weight = weight.to(pg_loss.dtype)
+                loss = pg_loss
+                if self.ref_policy is not None:
+                    kl = cfg.algo.kl_coef * self._kl_term(mb, logp)
+                    loss = loss + kl
+                    _accumulate(totals, {"loss/kl": kl.detach() * weight / self.dist.world_size})
+                if micro_batch.grad:
+                    (loss * weight).backward()
+            if not micro_batch.counted:
+                continue
+            skipped_rows += 0 if micro_batch.grad else len(micro_batch.rows)
             mask = mb.completion_mask
-            if mb.row_entropy is not None:  # a view into the step batch's (set by `update`)
-                mb.row_entropy.copy_((entropy.detach() * mask).sum(1) / mask.sum(1).clamp_min(1))
+            if batch.row_entropy is not None:  # a view into the step batch's (set by `update`)
+                batch.row_entropy[micro_batch.rows] = (entropy.detach() * mask).sum(1) / mask.sum(1).clamp_min(1)
             guide_rows = (mb.policy_id != ON_POLICY)[:, None] & mask
             tokens, guide_tokens = mask.sum(), guide_rows.sum()
             share = weight / self.dist.world_size  # this micro-batch's share of the loss of the whole batch
@@ -423,7 +438,24 @@ class Trainer:
                 out[key] = value / tokens
         out["optim/grad_norm"] = float(grad_norm)
         out["optim/skipped"] = float(not finite)
+        skipped = torch.tensor([float(skipped_rows)], device=units.device)  # the collective's device (NCCL: CUDA)
+        out["optim/rows_without_backward"] = float(all_reduce_sum(skipped)[0]) / (batch.input_ids.shape[0]
+                                                                                  * self.dist.world_size)
         return out
+
+    def _plan_micro_batches(self, batch: TrainBatch) -> list[algo.MicroBatch]:
+        """The micro-batches of one optimizer update (`algo.plan_micro_batches`), with as many forwards with and
+        without gradient on every rank."""
+        micro = self.cfg.optim.micro_batch_size
+        trainable = torch.ones(batch.input_ids.shape[0], dtype=torch.bool, device=batch.input_ids.device)
+        if self.cfg.optim.skip_zero_advantage and self.ref_policy is None:  # a KL term has a gradient everywhere
+            trainable = algo.rows_with_gradient(batch.advantages, batch.completion_mask)
+        counts = torch.tensor(algo.count_micro_batches(trainable, micro), dtype=torch.float64, device=trainable.device)
+        grad_batches, free_batches = (int(c) for c in all_reduce_max(counts))
+        # At least one backward: every parameter then has a gradient (zero if no row has one), so AdamW moves the
+        # weights exactly as it would after a backward over all rows.
+        return algo.plan_micro_batches(trainable, micro, grad_batches=max(grad_batches, 1),
+                                       free_batches=free_batches)
 
     def _mini_batches(self, batch: TrainBatch) -> list[TrainBatch]:
         """`optim.mini_batches` slices of whole groups (rows are prompt-major, `group_size` per prompt)."""
@@ -703,7 +735,9 @@ class Trainer:
         return torch.cat(parts)
 
     def _clip_gradients(self) -> torch.Tensor:
-        params = [p for p in self.policy.parameters() if p.grad is not None]
+        # The optimizer's parameters, not `self.policy.parameters()`: FSDP2 swaps the root module's registered
+        # parameters for their unsharded (gradient-less) copies between a forward and its backward.
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         max_norm = self.cfg.optim.grad_clip or math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(norm, "full_tensor"):

@@ -28,6 +28,9 @@ def npo_overrides(model_dir: str, threads: int, steps: int, micro_batch: int) ->
         "rollout.behavior_logp=engine",
         "reward.verifier=exact_match",
         "algo.kl_coef=0.0",
+        # The random model scores 0 everywhere, so every row has zero advantage and this engine would skip every
+        # backward; the comparison is of the full step's work, as TRL does it.
+        "optim.skip_zero_advantage=false",
         "optim.mini_batches=1",
         "optim.epochs=1",
         f"optim.micro_batch_size={micro_batch}",

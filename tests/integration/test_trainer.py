@@ -162,6 +162,22 @@ def test_two_rank_torchrun_resume_equivalence(tmp_path, cache_dir):
     assert any(r["optim/grad_norm"] > 0 for r in a)
 
 
+@pytest.mark.dist
+def test_two_rank_skip_zero_advantage_keeps_the_update(tmp_path, cache_dir):
+    """Ranks with different numbers of rows to train pad to the same forward/backward counts (else FSDP's
+    collectives would hang), and the run matches one where every row runs its backward."""
+    common = ["run.steps=2", "checkpoint.every=0", "reward.verifier=trainer_helpers:half_flat_reward",
+              "optim.micro_batch_size=2", "optim.mini_batches=1"]
+    for skip in ("true", "false"):
+        _torchrun([*common, f"optim.skip_zero_advantage={skip}", "--run-dir", str(tmp_path / skip)], cache_dir)
+    skipped, full = _metrics(tmp_path / "true"), _metrics(tmp_path / "false")
+    assert any(0 < r["optim/rows_without_backward"] < 1 for r in skipped)
+    assert all(r["optim/rows_without_backward"] == 0 for r in full)
+    for row_s, row_f in zip(skipped, full):
+        for key in _COMPARED:
+            assert row_s[key] == pytest.approx(row_f[key], rel=1e-5, abs=1e-6), (row_s["step"], key)
+
+
 def test_cli_short_run(tmp_path, cache_dir):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "npo_engine.cli", "train", *tiny_config_overrides(cache_dir), "run.steps=1",

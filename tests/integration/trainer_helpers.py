@@ -15,6 +15,12 @@ def digit_reward(prompt: str, completion: str, answer: str) -> float:
     return sum(c.isdigit() for c in text) / len(text) if text else 0.0
 
 
+def half_flat_reward(prompt: str, completion: str, answer: str) -> float:
+    """`digit_reward` for prompts with an odd answer, 0.5 whatever the completion for an even one: the even
+    prompts' groups have zero advantage everywhere, the odd ones' nonzero (a mix of both in most steps)."""
+    return 0.5 if int(answer) % 2 == 0 else digit_reward(prompt, completion, answer)
+
+
 def tiny_config(cache_dir: Path, *overrides: str):
     """A few-second run: the demo model after 20 warm-up steps, 4 prompts x 4 samples, dense rewards."""
     return load_config(None, [
