@@ -269,10 +269,12 @@ class LogprobModel(torch.nn.Module):
     input embeddings keeps working. No [tokens, vocab] tensor is ever materialized.
     """
 
-    def __init__(self, lm: torch.nn.Module, *, kernel_backend: str = "auto"):
+    def __init__(self, lm: torch.nn.Module, *, kernel_backend: str = "auto", logits_cache_bytes: int | None = None):
+        """logits_cache_bytes: the LM head's `cache_bytes` (`npo_kernels.fused_linear_logprob`; None = |dW|)."""
         super().__init__()
         self.lm = lm
         self.kernel_backend = kernel_backend
+        self.logits_cache_bytes = logits_cache_bytes
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor, *,
                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -304,7 +306,8 @@ class LogprobModel(torch.nn.Module):
             logp_rows, entropy_rows = _truncated_logprobs(head(rows), targets, temperature, top_k, top_p)
         else:
             out = fused_linear_logprob(rows, head.weight, targets, bias=head.bias, temperature=temperature,
-                                       return_entropy=return_entropy, backend=self.kernel_backend)
+                                       return_entropy=return_entropy, backend=self.kernel_backend,
+                                       cache_bytes=self.logits_cache_bytes)
             logp_rows, entropy_rows = out if return_entropy else (out, None)
         logp = _scatter_rows(logp_rows, scored)
         entropy = _scatter_rows(entropy_rows, scored) if return_entropy else None

@@ -133,7 +133,10 @@ class Trainer:
         self.ref_policy = self._frozen_reference(lm) if cfg.algo.kl_coef > 0 else None
         if cfg.model.activation_checkpointing:
             apply_activation_checkpointing(lm)
-        self.policy = shard_model(LogprobModel(lm, kernel_backend=cfg.kernels.backend), decoder_layers(lm),
+        cache_mb = cfg.kernels.logits_cache_mb
+        policy = LogprobModel(lm, kernel_backend=cfg.kernels.backend,
+                              logits_cache_bytes=None if cache_mb is None else int(cache_mb * 2**20))
+        self.policy = shard_model(policy, decoder_layers(lm),
                                   self.dist, param_dtype=torch.bfloat16 if use_bf16 else None)
         self.policy_loss = algo.get_policy_loss("ppo")
 

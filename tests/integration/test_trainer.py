@@ -91,6 +91,19 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path, cache_dir):
     recomputed.close()
 
 
+def test_logits_cache_budget_reaches_the_lm_head_and_keeps_the_step(tmp_path, cache_dir):
+    from npo_engine import Trainer
+
+    default = Trainer(tiny_config(cache_dir, "run.steps=1"), run_dir=tmp_path / "default")
+    none = Trainer(tiny_config(cache_dir, "run.steps=1", "kernels.logits_cache_mb=0"), run_dir=tmp_path / "none")
+    assert default.policy.logits_cache_bytes is None and none.policy.logits_cache_bytes == 0
+    a, b = default.step(), none.step()
+    for key in _COMPARED:
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
+    default.close()
+    none.close()
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, cache_dir):
     from npo_engine import Trainer
 

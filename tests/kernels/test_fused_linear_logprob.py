@@ -369,6 +369,41 @@ def test_tile_cache_is_bounded_and_consumed(monkeypatch):
     assert seen["after"] == 0
 
 
+@pytest.mark.parametrize("budget", ["none", "one-tile", "all"])
+def test_tile_cache_budget_sets_what_is_kept_and_not_the_result(monkeypatch, budget):
+    """`cache_bytes` bounds the kept tiles (none, a prefix, or every tile) and leaves logp and gradients
+    exactly as recomputing gives them (the same GEMM on the same tile)."""
+    monkeypatch.setattr(fl_chunked, "TILE_ELEMENTS", 256)
+    monkeypatch.setattr(fl_chunked, "MIN_VOCAB_TILE", 64)
+    kept = {}
+    original = fl_op.FusedLinearLogprobFunction.backward
+
+    def spy(ctx, *grads):
+        kept["bytes"] = sum(t.numel() * t.element_size() for t in ctx.cache or [])
+        return original(ctx, *grads)
+
+    monkeypatch.setattr(fl_op.FusedLinearLogprobFunction, "backward", staticmethod(spy))
+    hidden, weight, bias, targets = make_case(10, 4, 300, seed=16)
+    full = 10 * 300 * 4
+    cache_bytes = {"none": 0, "one-tile": 64 * 4 * 4, "all": full}[budget]
+    results = []
+    for cache in (cache_bytes, 0):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        logp = fused_linear_logprob(h, w, targets, bias=bias, cache_bytes=cache)
+        logp.sum().backward()
+        results.append((logp.detach(), h.grad, w.grad))
+        if cache == cache_bytes:
+            assert kept["bytes"] == {"none": 0, "one-tile": cache_bytes, "all": full}[budget]
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_tile_cache_budget_must_not_be_negative():
+    hidden, weight, bias, targets = make_case(4, 8, 20)
+    with pytest.raises(ValueError, match="cache_bytes must be >= 0"):
+        fused_linear_logprob(hidden, weight.requires_grad_(True), targets, cache_bytes=-1)
+
+
 # ---- Dispatch, validation, compile ---------------------------------------------------------------------
 
 def test_invalid_arguments():

@@ -37,6 +37,7 @@ def test_file_then_overrides_in_order(tmp_path):
     ("run.steps=1.5", "use an integer"),
     ("algo=3", "algo"),
     ("novalue", "section.key=value"),
+    ("kernels.logits_cache_mb=-5", "kernels.logits_cache_mb = -5.0 is invalid"),
 ])
 def test_bad_values_name_field_value_and_fix(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -95,22 +95,21 @@ def _(hidden, weight, bias, targets, lse, mu, dlogp, dentropy, temperature, impl
 class FusedLinearLogprobFunction(torch.autograd.Function):
     """Autograd over the two custom ops. Saves the inputs (no copies) and lse, mu [N].
 
-    With `cache_tiles` (eager CPU path, dW needed) the forward runs the chunked forward directly and keeps its
-    first logits tiles on `ctx.cache`, a plain list, so that the backward can pop and free them one by one;
+    With `cache_bytes` > 0 (eager CPU path, dW needed) the forward runs the chunked forward directly and keeps
+    its first logits tiles, up to that many bytes, on `ctx.cache`, a plain list, so that the backward can pop and free them one by one;
     autograd's saved tensors would stay alive until the whole backward ends. A second backward (retain_graph)
     finds the list empty and recomputes.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, return_entropy, impl, tile_elements,
-                cache_tiles):
+                cache_bytes):
         ctx.cache = None
-        if cache_tiles:
+        if cache_bytes > 0:
             ctx.cache = []
             logp, entropy, lse, mu = chunked.fused_linear_logprob_fwd(
                 hidden, weight, bias, targets, temperature=temperature, return_entropy=return_entropy,
-                tile_elements=tile_elements, cache=ctx.cache,
-                cache_bytes=weight.numel() * weight.element_size())
+                tile_elements=tile_elements, cache=ctx.cache, cache_bytes=cache_bytes)
         else:
             logp, entropy, lse, mu = torch.ops.npo_kernels.fused_linear_logprob_fwd(
                 hidden, weight, bias, targets, temperature, return_entropy, impl, tile_elements)
@@ -168,7 +167,7 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          bias: torch.Tensor | None = None, temperature: float = 1.0,
-                         return_entropy: bool = False, backend: Backend = "auto"
+                         return_entropy: bool = False, backend: Backend = "auto", cache_bytes: int | None = None
                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`selective_logprob(hidden @ weight.T + bias, targets, ...)` without ever forming the [N, V] logits.
 
@@ -181,6 +180,9 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         return_entropy: also return the entropy of softmax(logits / T), differentiable too.
         backend: "auto" (Triton on CUDA tensors, the chunked PyTorch path on CPU), "triton" (CUDA, or CPU
             tensors under TRITON_INTERPRET=1), or "torch" (the reference, which does form [N, V]).
+        cache_bytes: eager CPU training step only: bytes of the forward's logits tiles kept for the backward
+            instead of recomputed there (a trade of memory for GEMMs, see chunked.py). None: as many as dW has
+            (the backward's own peak, so no extra peak memory); 0: none; N·V·4 or more: all of them.
     Returns:
         logp [N] fp32 (≤ 0), or (logp [N], entropy [N]) when return_entropy.
 
@@ -194,11 +196,16 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if impl == "torch":
         return fused_linear_logprob_ref(hidden, weight, targets, bias=bias, temperature=temperature,
                                         return_entropy=return_entropy)
-    # Eager CPU training step: keep up to |dW| bytes of forward tiles instead of recomputing them (see
+    # Eager CPU training step: keep up to `cache_bytes` of forward tiles instead of recomputing them (see
     # chunked.py); never under torch.compile, whose graphs carry no Python-side state.
-    cache_tiles = (impl == "chunked" and chunked.CACHE_TILES and weight.requires_grad
-                   and torch.is_grad_enabled() and not torch.compiler.is_compiling())
+    if cache_bytes is None:
+        cache_bytes = weight.numel() * weight.element_size()
+    if cache_bytes < 0:
+        raise ValueError(f"cache_bytes must be >= 0 (or None for |dW|), got {cache_bytes}")
+    caching = (impl == "chunked" and chunked.CACHE_TILES and weight.requires_grad
+               and torch.is_grad_enabled() and not torch.compiler.is_compiling())
     # tile_elements=None: each backend's own tile size (chunked.TILE_ELEMENTS, triton.TILE_ELEMENTS).
     logp, entropy = FusedLinearLogprobFunction.apply(hidden, weight, bias, targets, temperature,
-                                                     return_entropy, impl, None, cache_tiles)
+                                                     return_entropy, impl, None,
+                                                     int(cache_bytes) if caching else 0)
     return (logp, entropy) if return_entropy else logp
