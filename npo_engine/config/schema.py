@@ -619,8 +619,9 @@ class SyncConfig:
     the range other engines use (slime 512, ROLL and SkyRL 1024, verl 2048)."""
     verify: bool = True
     """Fingerprint every bucket on both sides and compare (a 64-bit checksum fused into the pack and unpack
-    copies). Measured cost: 10-35 % of an in-process CPU sync, within the noise of a vLLM reload
-    (benchmarks/results/cpu_sync.md). A mismatch stops the run naming the engine, the step and the bucket."""
+    copies). Measured cost: 3-12 % of an in-process CPU sync on an idle core (up to 32 % on a core shared with
+    other jobs), within the noise of a vLLM reload (benchmarks/results/cpu_sync.md). A mismatch stops the run
+    naming the engine, the step and the bucket."""
     probe_every: int = 10
     """Every this many syncs of an engine (its first one included), compare its log-probs of a fixed probe batch
     with the trainer's; 0 turns the probe off. One forward of probe_rows x 2 probe_tokens on each side."""
