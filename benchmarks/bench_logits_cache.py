@@ -1,5 +1,6 @@
 """The LM head's logits-tile cache on the CPU (`kernels.logits_cache_mb`): fwd+bwd time of
-`fused_linear_logprob` keeping none, as many bytes as dW (the default) or all of its forward tiles, at one e2e micro-batch.
+`fused_linear_logprob` keeping none, as many bytes as dW (the default) or all of its forward tiles, at one
+e2e micro-batch.
 
     python -m benchmarks.bench_logits_cache --tokens 1024 --hidden 256 --vocab 151936 --rounds 3 --threads 1
 

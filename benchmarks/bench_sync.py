@@ -162,7 +162,8 @@ def table(rows: list[dict]) -> str:
             continue
         kept = f"{r['bucketed_kept_buffers']:.4f}" if "bucketed_kept_buffers" in r else ""  # the vLLM rows
         lines.append(
-            f"| {r['model']} | {r['receiver']} | {r.get('ranks', 1)} | {r['bytes'] / 1e6:.1f} | {r['buckets']} | {r['per_param']:.4f} | "
+            f"| {r['model']} | {r['receiver']} | {r.get('ranks', 1)} | {r['bytes'] / 1e6:.1f} | {r['buckets']} | "
+            f"{r['per_param']:.4f} | "
             f"{r['bucketed_noverify']:.4f} | {r['bucketed']:.4f} | {r['per_param'] / r['bucketed']:.2f}x | "
             f"{100 * (r['bucketed'] / r['bucketed_noverify'] - 1):+.1f} % | {kept} |")
     return "\n".join(lines)

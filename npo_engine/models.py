@@ -269,7 +269,8 @@ class LogprobModel(torch.nn.Module):
     input embeddings keeps working. No [tokens, vocab] tensor is ever materialized.
     """
 
-    def __init__(self, lm: torch.nn.Module, *, kernel_backend: str = "auto", logits_cache_bytes: int | None = None):
+    def __init__(self, lm: torch.nn.Module, *, kernel_backend: str = "auto",
+                 logits_cache_bytes: int | None = None):
         """logits_cache_bytes: the LM head's `cache_bytes` (`npo_kernels.fused_linear_logprob`; None = |dW|)."""
         super().__init__()
         self.lm = lm

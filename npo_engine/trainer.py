@@ -453,7 +453,8 @@ class Trainer:
         trainable = torch.ones(batch.input_ids.shape[0], dtype=torch.bool, device=batch.input_ids.device)
         if self.cfg.optim.skip_zero_advantage and self.ref_policy is None:  # a KL term has a gradient everywhere
             trainable = algo.rows_with_gradient(batch.advantages, batch.completion_mask)
-        counts = torch.tensor(algo.count_micro_batches(trainable, micro), dtype=torch.float64, device=trainable.device)
+        counts = torch.tensor(algo.count_micro_batches(trainable, micro), dtype=torch.float64,
+                              device=trainable.device)
         grad_batches, free_batches = (int(c) for c in all_reduce_max(counts))
         # At least one backward: every parameter then has a gradient (zero if no row has one), so AdamW moves the
         # weights exactly as it would after a backward over all rows.

@@ -637,9 +637,9 @@ class SyncConfig:
     """Keep the bucket memory allocated from one sync to the next. Off: each sync allocates its buckets afresh and
     frees them once the engine has loaded them, so training never holds them (up to bucket_mb, or the largest
     tensor when that is larger). On: a CPU sync skips the page faults of a fresh allocation. Measured on the CPU
-    (benchmarks/results/cpu_sync.md): the 0.5B shape syncs in 1.57 s with fresh buffers, 1.30 s with kept ones
-    (256 MiB held), the e2e vocab-151936 model's peak memory drops by one bucket (168 MB) with fresh ones; off
-    by default because a sync is a small part of a step and the memory belongs to the largest phase. On CUDA
+    (benchmarks/results/cpu_sync.md, idle machine): the 0.5B shape syncs in 1.00 s with fresh buffers, 0.85 s
+    with kept ones (256 MiB held); the e2e vocab-151936 run's update peaks 154 MiB lower with fresh ones. Off by
+    default because a sync is a small part of a step and the memory belongs to the largest phase. On CUDA
     buffers are always freed (the caching allocator makes a fresh one cheap)."""
     backend: Literal["auto", "csrc", "torch"] = "auto"
     """Pack/fingerprint kernels: auto = csrc/ when it builds here (else the PyTorch fallback, said once in the

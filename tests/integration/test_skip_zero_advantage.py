@@ -51,5 +51,5 @@ def test_skipping_zero_advantage_rows_gives_the_same_update(tmp_path, cache_dir,
             # fp32 sums over differently composed micro-batches: equal up to rounding
             torch.testing.assert_close(g_skip, g_all, rtol=1e-4, atol=1e-6 * float(g_all.abs().max()) + 1e-12)
     assert any(float(g.abs().max()) > 0 for update in grads[True] for g in update)
-    for skip, trainer in trainers.items():
+    for trainer in trainers.values():
         trainer.close()

@@ -96,8 +96,8 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
     """Autograd over the two custom ops. Saves the inputs (no copies) and lse, mu [N].
 
     With `cache_bytes` > 0 (eager CPU path, dW needed) the forward runs the chunked forward directly and keeps
-    its first logits tiles, up to that many bytes, on `ctx.cache`, a plain list, so that the backward can pop and free them one by one;
-    autograd's saved tensors would stay alive until the whole backward ends. A second backward (retain_graph)
+    its first logits tiles, up to that many bytes, on `ctx.cache`, a plain list, so that the backward can pop
+    and free them one by one; autograd's saved tensors would stay alive until the whole backward ends. A second backward (retain_graph)
     finds the list empty and recomputes.
     """
 
