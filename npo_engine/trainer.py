@@ -319,38 +319,23 @@ class Trainer:
         times the truncated weight min(π_old / π_guide, C) folded into per-token advantages (`decoupled`).
         Replayed rows (RLEP) are recomputed like on-policy ones. The first update of a step has ratio 1 on
         recomputed rows; later mini-batches are slightly off-policy and the PPO clip bounds them.
+
+        π_old, the trainer's log-probs before the step's first update, costs a forward without gradient over
+        the whole batch only where a later update needs it; with one update per step, or where no row needs it
+        (the mismatch metrics still do), the first update's own forward gives it, before any weight moves.
         """
         cfg = self.cfg
-        guide_is = cfg.mix.guide_weighting
-        engine_logp = batch.behavior_logp
-        on_policy = (batch.policy_id == ON_POLICY)[:, None]
-        replayed = batch.replayed[:, None]
-        recompute_on_policy = cfg.rollout.behavior_logp == "recompute"
-        recompute_guides = algo.needs_old_logp(guide_is)
-        out: dict[str, float] = {}
+        updates_per_step = cfg.optim.epochs * len(self._mini_batches(batch))
+        mismatch = algo.mismatch_sums_empty()
         # A config choice (RLEP's mode always has replayed rows), so every rank takes the same path.
-        if recompute_on_policy or recompute_guides or cfg.mix.mode == "rlep":
-            with torch.no_grad():
-                old_logp = self._logprobs(batch)
-            rows = (on_policy & recompute_on_policy) | (~on_policy & recompute_guides) | replayed
-            batch.behavior_logp = torch.where(rows, old_logp, engine_logp)
-            token_weights = torch.ones_like(old_logp)
-            if guide_is == "decoupled":
-                weights = algo.decoupled_weights(old_logp, engine_logp, batch.completion_mask & ~on_policy,
-                                                 cfg.mix.decoupled_cap)
-                token_weights = torch.where(~on_policy, weights, token_weights)
-            # The policy engine's log-probs of its own tokens against the trainer's (replayed rows have none).
-            weights, sums = algo.mismatch_weights(old_logp, engine_logp,
-                                                  batch.completion_mask & on_policy & ~replayed,
-                                                  cfg.algo.mismatch_correction, cfg.algo.mismatch_threshold)
-            token_weights = token_weights * weights
-            if guide_is == "decoupled" or cfg.algo.mismatch_correction != "none":
-                batch.advantages = batch.advantages[:, None] * token_weights
-            out |= _mismatch_metrics(sums)
-
+        old_in_first_update = updates_per_step == 1 or not self._rows_need_old_logp()
+        if not old_in_first_update:
+            self._apply_old_logp(batch, self._logprobs(batch), mismatch)
         batch.row_entropy = torch.zeros(batch.input_ids.shape[0], device=batch.input_ids.device)
-        updates = [self._optimizer_update(mini) for _ in range(cfg.optim.epochs)
-                   for mini in self._mini_batches(batch)]
+        minis = [mini for _ in range(cfg.optim.epochs) for mini in self._mini_batches(batch)]
+        updates = [self._optimizer_update(mini, mismatch if index == 0 and old_in_first_update else None)
+                   for index, mini in enumerate(minis)]
+        out = _mismatch_metrics(mismatch)
         for key in updates[0]:  # mean over updates; a guide metric over those that had guide tokens
             values = [u[key] for u in updates if not math.isnan(u[key])]
             out[key] = sum(values) / len(values) if values else math.nan
@@ -358,9 +343,40 @@ class Trainer:
         self.scheduler.step()
         return out
 
-    def _optimizer_update(self, batch: TrainBatch) -> dict[str, float]:
+    def _rows_need_old_logp(self) -> bool:
+        """Whether some row's behaviour log-prob or weight comes from π_old (see `update`)."""
+        cfg = self.cfg
+        return (cfg.rollout.behavior_logp == "recompute" or cfg.mix.mode == "rlep"
+                or (cfg.mix.mode != "none" and algo.needs_old_logp(cfg.mix.guide_weighting)))
+
+    def _apply_old_logp(self, batch: TrainBatch, old_logp: torch.Tensor, mismatch: dict[str, float]) -> None:
+        """Set `batch`'s behaviour log-probs and per-token advantages from π_old ([B, L], no gradient) by each
+        row's source (`update`), and add the engine-vs-trainer sums of its on-policy rows to `mismatch`."""
+        cfg = self.cfg
+        guide_is = cfg.mix.guide_weighting
+        engine_logp = batch.behavior_logp
+        on_policy = (batch.policy_id == ON_POLICY)[:, None]
+        replayed = batch.replayed[:, None]
+        recompute_guides = cfg.mix.mode != "none" and algo.needs_old_logp(guide_is)
+        rows = (on_policy & (cfg.rollout.behavior_logp == "recompute")) | (~on_policy & recompute_guides) | replayed
+        batch.behavior_logp = torch.where(rows, old_logp, engine_logp)
+        token_weights = torch.ones_like(old_logp)
+        if guide_is == "decoupled":
+            weights = algo.decoupled_weights(old_logp, engine_logp, batch.completion_mask & ~on_policy,
+                                             cfg.mix.decoupled_cap)
+            token_weights = torch.where(~on_policy, weights, token_weights)
+        # The policy engine's log-probs of its own tokens against the trainer's (replayed rows have none).
+        weights, sums = algo.mismatch_weights(old_logp, engine_logp, batch.completion_mask & on_policy & ~replayed,
+                                              cfg.algo.mismatch_correction, cfg.algo.mismatch_threshold)
+        token_weights = token_weights * weights
+        if guide_is == "decoupled" or cfg.algo.mismatch_correction != "none":
+            batch.advantages = batch.advantages[:, None] * token_weights
+        algo.add_mismatch_sums(mismatch, sums)
+
+    def _optimizer_update(self, batch: TrainBatch, mismatch: dict[str, float] | None = None) -> dict[str, float]:
         """One AdamW update on `batch`, accumulated over micro-batches; skipped if the loss or gradient is
-        non-finite (the weights are never touched then).
+        non-finite (the weights are never touched then). With `mismatch` (the step's first update, when no
+        forward recomputed π_old), each micro-batch takes π_old from its own forward (`_apply_old_logp`).
 
         The one normalizer: each micro-batch's loss (the kernel's aggregation over its own rows) is scaled by
         its units over U, the units of the whole mini-batch summed over ranks (`algo.loss_units`); summed over
@@ -381,6 +397,9 @@ class Trainer:
             with torch.set_grad_enabled(micro_batch.grad):
                 logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.completion_mask,
                                             **self._sampling_support, return_entropy=True)
+                if mismatch is not None:  # padding rows add their tokens to no sum
+                    self._apply_old_logp(mb, logp.detach(), mismatch if micro_batch.counted else
+                                         algo.mismatch_sums_empty())
                 pg_loss, pg_metrics = self.policy_loss(
                     logp, mb.behavior_logp, mb.advantages, mb.completion_mask, cfg.algo, policy_id=mb.policy_id,
                     norm_length=cfg.rollout.max_new_tokens,

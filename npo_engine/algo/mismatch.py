@@ -55,3 +55,15 @@ def mismatch_sums(log_rho: torch.Tensor, corrected: torch.Tensor, mask: torch.Te
     return {"tokens": float(tokens), "abs_log_ratio": float(log_rho.abs()[mask].sum()),
             "corrected": float(corrected.sum()),
             "max_log_ratio": float(log_rho[mask].max()) if tokens else -math.inf}
+
+
+def mismatch_sums_empty() -> dict[str, float]:
+    """Sums over no tokens, to accumulate micro-batches into with `add_mismatch_sums`."""
+    return {"tokens": 0.0, "abs_log_ratio": 0.0, "corrected": 0.0, "max_log_ratio": -math.inf}
+
+
+def add_mismatch_sums(total: dict[str, float], part: dict[str, float]) -> None:
+    """Add one micro-batch's `mismatch_sums` to `total` in place (the largest log ρ is a max, the rest sums)."""
+    for key in ("tokens", "abs_log_ratio", "corrected"):
+        total[key] += part[key]
+    total["max_log_ratio"] = max(total["max_log_ratio"], part["max_log_ratio"])

@@ -146,7 +146,9 @@ class RolloutConfig:
     max_batch_size: int = 512
     """Sequences generated at once by one engine; larger requests are split."""
     behavior_logp: Literal["recompute", "engine"] = "recompute"
-    """Behaviour log-probs for the ratio: recomputed by the trainer before the update, or the engine's own."""
+    """Behaviour log-probs for the ratio: recomputed by the trainer before the update, or the engine's own.
+    recompute costs a forward without gradient over the batch only when a step takes more than one update
+    (optim.mini_batches x optim.epochs > 1); with one, that update's own forward gives them."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "rollout")
@@ -265,7 +267,8 @@ class AlgoConfig:
     pi_trainer / pi_engine of the weights that sampled it (needs rollout.behavior_logp = recompute): tis
     multiplies the token's loss by min(rho, mismatch_threshold) (truncated importance sampling, verl's
     tis_imp_ratio_cap); mask drops tokens with rho outside [1/threshold, threshold] (masked IS). none only
-    measures it (mismatch/logp_abs, mismatch/ratio_max, mismatch/corrected_frac)."""
+    measures it (mismatch/logp_abs, mismatch/ratio_max, mismatch/corrected_frac: over the whole batch, or over
+    the first update's rows when no forward recomputes the log-probs for later updates)."""
     mismatch_threshold: float = 2.0
     """The cap C > 1 of mismatch_correction (verl's TIS default: 2)."""
     clip_on_policy: bool = True

@@ -34,3 +34,15 @@ def test_none_only_measures():
     assert torch.all(weights == 1) and sums["corrected"] == 0 and sums["tokens"] == 5
     with pytest.raises(ValueError, match="'none', 'tis', 'mask'"):
         algo.mismatch_weights(TRAINER, ENGINE, MASK, "clip", 2.0)
+
+
+def test_sums_over_micro_batches_equal_the_sums_over_the_batch():
+    whole = algo.mismatch_weights(TRAINER, ENGINE, MASK, "tis", 2.0)[1]
+    total = algo.mismatch_sums_empty()
+    for row in range(2):  # one row per micro-batch, in either order
+        algo.add_mismatch_sums(total, algo.mismatch_weights(TRAINER[row:row + 1], ENGINE[row:row + 1],
+                                                            MASK[row:row + 1], "tis", 2.0)[1])
+    assert total == pytest.approx(whole, rel=1e-6)
+    empty = algo.mismatch_sums_empty()
+    algo.add_mismatch_sums(empty, algo.mismatch_weights(TRAINER, ENGINE, torch.zeros_like(MASK), "none", 2.0)[1])
+    assert empty["tokens"] == 0 and empty["max_log_ratio"] == -math.inf  # no token: no largest ratio
