@@ -221,3 +221,93 @@ def fused_linear_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     # Distinct empty tensors for the gradients not needed: a custom op's outputs may not alias each other.
     return (dx32.to(hidden.dtype) if needs_dx else hidden.new_empty(0), dw,
             db32.to(bias.dtype) if needs_db else hidden.new_empty(0))
+
+
+# ---- The gradient formed in the forward --------------------------------------------------------------------
+# Width of the vocabulary slices the row-block forward exponentiates into a scratch buffer (the block itself
+# keeps the shifted logits, which the gradient needs).
+SCRATCH_COLS = 8192
+
+
+def fused_linear_logprob_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               targets: torch.Tensor, token_grad, *, temperature: float, return_entropy: bool,
+                               block_bytes: int, needs_dx: bool, needs_dw: bool, needs_db: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs and, in the same pass, the gradient of a loss whose derivative in each row's log-prob depends
+    on that row's log-prob alone: 3 LM-head GEMMs per token (logits, dX, dW) instead of the 4 of a forward
+    and a backward that recomputes the logits, holding one block of rows' logits instead of all of them.
+
+    Row blocks of r rows with all V logits each (r·V elements of the compute dtype ≤ block_bytes, r ≥ 1):
+        z2 = (X_b @ W.T + b)·log2(e)/T           one GEMM
+        logp, entropy of each row                  max, then Σ 2^(z2 - m) over scratch slices
+        g = token_grad(logp_b, r0, r1)             dloss/dlogp of these rows, [r]
+        dz = (g/T)·(onehot - p)                    in place over the block
+        dX_b = dz @ W,  dW += dz.T @ X_b,  db += Σ_rows dz
+    The entropy is returned without gradient. Accumulation in fp32 (fp64 for fp64 inputs), as in the
+    backward above.
+
+    Args:
+        token_grad: (logp [r] in the compute dtype, r0, r1) -> [r] dloss/dlogp for rows r0:r1; rows with a
+            negative target get 0 whatever it returns.
+    Returns:
+        logp [N], entropy [N] (or [0]), dhidden, dweight, dbias (an empty [0] tensor for each not needed).
+    """
+    num_rows, hidden_size = hidden.shape
+    n_cols = weight.shape[0]
+    cdt, dev = compute_dtype(hidden.dtype), hidden.device
+    scale = LOG2E / temperature
+    inv_t = 1.0 / temperature
+    rows = max(1, min(num_rows, block_bytes // max(1, n_cols * torch.empty(0, dtype=cdt).element_size())))
+    valid = targets >= 0
+    zero = hidden.new_zeros((), dtype=cdt)
+    logp = torch.zeros(num_rows, dtype=cdt, device=dev)
+    entropy = torch.zeros(num_rows if return_entropy else 0, dtype=cdt, device=dev)
+    dx = torch.empty(num_rows, hidden_size, dtype=cdt, device=dev) if needs_dx else None
+    dw32 = torch.empty(n_cols, hidden_size, dtype=cdt, device=dev) if needs_dw else None
+    db32 = torch.zeros(n_cols, dtype=cdt, device=dev) if needs_db else None
+    w_c = weight.to(cdt)
+    block = torch.empty(rows * n_cols, dtype=cdt, device=dev)
+    scratch_cols = min(n_cols, SCRATCH_COLS)
+    scratch = torch.empty(rows * scratch_cols, dtype=cdt, device=dev)
+    for r0 in range(0, num_rows, rows):
+        r1 = min(num_rows, r0 + rows)
+        n = r1 - r0
+        d = _tile_logits2(block[: n * n_cols].view(n, n_cols), hidden[r0:r1], weight, bias, scale)
+        m = d.amax(dim=1)
+        m = torch.where(m == float("-inf"), 0.0, m)        # a row of -inf logits: shift by 0, not by -inf
+        d.sub_(m.unsqueeze(1))                              # d = z2 - m ≤ 0
+        if return_entropy:
+            d.clamp_min_(LOG2P_FLOOR)                       # Σ p·d stays finite; such p are 0 in fp32 anyway
+        sum_e = torch.zeros(n, dtype=cdt, device=dev)
+        s = torch.zeros(n, dtype=cdt, device=dev)
+        for v0 in range(0, n_cols, scratch_cols):
+            v1 = min(n_cols, v0 + scratch_cols)
+            d_slice = d[:, v0:v1]
+            e = torch.exp2(d_slice, out=scratch[: n * (v1 - v0)].view(n, v1 - v0))
+            sum_e += e.sum(dim=1)
+            if return_entropy:
+                s += (e * d_slice).sum(dim=1)
+        local = targets[r0:r1].clamp(0, n_cols - 1).unsqueeze(1)
+        log2_sum = torch.log2(sum_e)
+        block_valid = valid[r0:r1]
+        logp[r0:r1] = torch.where(block_valid, (d.gather(1, local).squeeze(1) - log2_sum) * LN2, zero)
+        if return_entropy:
+            entropy[r0:r1] = torch.where(block_valid, (log2_sum - s / sum_e) * LN2, zero)
+        g = torch.where(block_valid, token_grad(logp[r0:r1].clone(), r0, r1).to(cdt), zero)
+        # dz = (g/T)·(onehot - p), p = 2^(d - log2 Σ): the block becomes dz in place
+        dz = d.sub_(log2_sum.unsqueeze(1)).exp2_().mul_((-inv_t * g).unsqueeze(1))
+        dz.scatter_add_(1, local, torch.where(block_valid, inv_t * g, zero).unsqueeze(1))
+        x_c = hidden[r0:r1].to(cdt)
+        if needs_dx:
+            torch.mm(dz, w_c, out=dx[r0:r1])
+        if needs_dw:
+            if r0 == 0:
+                torch.mm(dz.T, x_c, out=dw32)
+            else:
+                dw32.addmm_(dz.T, x_c)
+        if needs_db:
+            db32 += dz.sum(dim=0)
+    empty = hidden.new_empty(0)
+    return (logp, entropy, dx.to(hidden.dtype) if needs_dx else empty,
+            dw32.to(weight.dtype) if needs_dw else hidden.new_empty(0),
+            db32.to(bias.dtype) if needs_db else hidden.new_empty(0))
