@@ -1,6 +1,7 @@
-"""The LM head's logits-tile cache on the CPU (`kernels.logits_cache_mb`): fwd+bwd time of
-`fused_linear_logprob` keeping none, as many bytes as dW (the default) or all of its forward tiles, at one
-e2e micro-batch.
+"""The LM head on the CPU at one e2e micro-batch: fwd+bwd time of `fused_linear_logprob` keeping none, as many
+bytes as dW (the default) or all of its forward tiles (`kernels.logits_cache_mb`), and of
+`fused_linear_logprob_grad_in_forward` (`kernels.head_gradient_in_forward`), which forms the gradient in the
+forward from blocks of rows of |dW| bytes.
 
     python -m benchmarks.bench_logits_cache --tokens 1024 --hidden 256 --vocab 151936 --rounds 3 --threads 1
 
@@ -33,6 +34,17 @@ def fwd_bwd(hidden, weight, targets, grad, cache_bytes):
     return time.perf_counter() - start
 
 
+def grad_in_forward(hidden, weight, targets, grad, _cache_bytes):
+    """Seconds of the same gradient formed in the forward (the loss Σ grad·logp)."""
+    from npo_kernels import fused_linear_logprob_grad_in_forward
+
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    start = time.perf_counter()
+    _, _, anchor = fused_linear_logprob_grad_in_forward(h, w, targets, lambda logp, r0, r1: grad[r0:r1])
+    anchor.backward()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1024)
@@ -48,22 +60,25 @@ def main() -> None:
     targets = torch.randint(0, args.vocab, (args.tokens,), generator=gen)
     grad = torch.randn(args.tokens, generator=gen)
     dw_bytes = weight.numel() * weight.element_size()
-    variants = {"none": 0, "as many as dW (default)": dw_bytes, "all": args.tokens * args.vocab * 4}
+    # name -> (run, bytes of logits held at once beyond dW's)
+    variants = {"none": (fwd_bwd, 0), "as many as dW (logits_cache_mb default)": (fwd_bwd, dw_bytes),
+                "all": (fwd_bwd, args.tokens * args.vocab * 4),
+                "gradient in forward (head_gradient_in_forward)": (grad_in_forward, dw_bytes)}
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for cache_bytes in variants.values():  # warm-up: first calls, allocator
-        fwd_bwd(hidden, weight, targets, grad, cache_bytes)
+    for run, cache_bytes in variants.values():  # warm-up: first calls, allocator
+        run(hidden, weight, targets, grad, cache_bytes)
     for round_ in range(args.rounds):
-        for name, cache_bytes in variants.items():
-            samples[name].append(fwd_bwd(hidden, weight, targets, grad, cache_bytes))
+        for name, (run, cache_bytes) in variants.items():
+            samples[name].append(run(hidden, weight, targets, grad, cache_bytes))
         print(f"round {round_ + 1}/{args.rounds}: " + ", ".join(
             f"{name} {s[-1]:.2f} s" for name, s in samples.items()), flush=True)
     print(f"\n{cpu_name()}, {args.threads} torch thread(s), torch {torch.__version__}, Python "
           f"{platform.python_version()}; N={args.tokens} tokens, H={args.hidden}, V={args.vocab}, fp32, median of "
           f"{args.rounds} alternating rounds\n")
-    print("| tiles kept | MiB kept (at most) | fwd+bwd s | vs none |")
+    print("| LM head | MiB of logits held (at most) | fwd+bwd s | vs none |")
     print("|---|---:|---:|---:|")
     base = statistics.median(samples["none"])
-    for name, cache_bytes in variants.items():
+    for name, (_, cache_bytes) in variants.items():
         seconds = statistics.median(samples[name])
         print(f"| {name} | {cache_bytes / MIB:.0f} | {seconds:.2f} | {seconds / base:.2f}x |")
 

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -261,6 +262,9 @@ def _sft_tensors(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor,
 # The trainer's view of a causal LM: per-token log-probs of given targets, never the full [tokens, vocab] logits.
 
 
+HeadLoss = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
 class LogprobModel(torch.nn.Module):
     """Wraps a Hugging Face causal LM so its forward returns the log-prob (and entropy) of each next token.
 
@@ -270,16 +274,20 @@ class LogprobModel(torch.nn.Module):
     """
 
     def __init__(self, lm: torch.nn.Module, *, kernel_backend: str = "auto",
-                 logits_cache_bytes: int | None = None):
-        """logits_cache_bytes: the LM head's `cache_bytes` (`npo_kernels.fused_linear_logprob`; None = |dW|)."""
+                 logits_cache_bytes: int | None = None, head_gradient_in_forward: bool = False):
+        """logits_cache_bytes: the LM head's `cache_bytes` (`npo_kernels.fused_linear_logprob`; None = |dW|).
+        head_gradient_in_forward: with a `head_loss`, form the LM head's gradient in the forward where the
+        chunked CPU path runs (`npo_kernels.fused_linear_logprob_grad_in_forward`)."""
         super().__init__()
         self.lm = lm
         self.kernel_backend = kernel_backend
         self.logits_cache_bytes = logits_cache_bytes
+        self.head_gradient_in_forward = head_gradient_in_forward
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor, *,
                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                return_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return_entropy: bool = False, head_loss: HeadLoss | None = None,
+                fill: torch.Tensor | None = None) -> tuple:
         """Log-probs of the tokens of `input_ids` selected by `target_mask`, each given the tokens before it.
 
         Args:
@@ -290,8 +298,17 @@ class LogprobModel(torch.nn.Module):
             top_k, top_p: the sampling truncation; when on, log-probs (and entropy) are those of the truncated,
                 renormalized distribution, as the rollout's behaviour log-probs are (`rollout/base.py`).
 
+            head_loss: a loss of the log-probs that is a sum of per-token terms (each token's derivative
+                depends on its own log-prob alone), logp [B, L] -> (loss, metrics). Given, the forward also
+                returns that loss, differentiable, and its metrics; on the chunked CPU path with
+                `head_gradient_in_forward` the LM head's gradient is formed in the forward (3 GEMMs per
+                token instead of 4) and logp comes without gradient.
+            fill: [B, L] finite log-probs that `head_loss` may be evaluated on where a token's own log-prob is
+                not computed yet (the behaviour log-probs: ratio 1); required with `head_loss`.
+
         Returns:
-            logp [B, L] fp32 (0 where not scored), entropy [B, L] fp32 of the predicting distribution or None.
+            logp [B, L] fp32 (0 where not scored), entropy [B, L] fp32 of the predicting distribution or None;
+            with `head_loss`, also its loss and metrics.
         """
         from npo_kernels import fused_linear_logprob
 
@@ -303,6 +320,11 @@ class LogprobModel(torch.nn.Module):
         rows = hidden[:, :-1][scored]  # [N, H]
         targets = input_ids[:, 1:][scored]  # [N]
         head = self.lm.get_output_embeddings()
+        if head_loss is not None and fill is None:
+            raise ValueError("LogprobModel: head_loss needs fill, the log-probs to evaluate it on elsewhere")
+        if (head_loss is not None and self.head_gradient_in_forward and top_k == 0 and top_p >= 1.0
+                and rows.device.type == "cpu" and self.kernel_backend == "auto" and torch.is_grad_enabled()):
+            return self._loss_in_head(rows, head, targets, scored, head_loss, fill, temperature, return_entropy)
         if top_k > 0 or top_p < 1.0:
             logp_rows, entropy_rows = _truncated_logprobs(head(rows), targets, temperature, top_k, top_p)
         else:
@@ -312,7 +334,35 @@ class LogprobModel(torch.nn.Module):
             logp_rows, entropy_rows = out if return_entropy else (out, None)
         logp = _scatter_rows(logp_rows, scored)
         entropy = _scatter_rows(entropy_rows, scored) if return_entropy else None
-        return logp, entropy
+        if head_loss is None:
+            return logp, entropy
+        return (logp, entropy, *head_loss(logp))
+
+    def _loss_in_head(self, rows: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                      scored: torch.Tensor, head_loss: HeadLoss, fill: torch.Tensor, temperature: float,
+                      return_entropy: bool) -> tuple:
+        """`forward` with the LM head's gradient formed in its forward: rows [N, H] (the scored positions'
+        hidden states), targets [N], scored [B, L - 1]. Each block of rows gets its derivative from
+        `head_loss` evaluated on `fill` with the block's own log-probs put in (a separable loss: the other
+        tokens' values do not change the block's derivative)."""
+        from npo_kernels import fused_linear_logprob_grad_in_forward
+
+        fill_rows = fill[:, 1:][scored].detach().float()  # [N], in the rows' order
+
+        def token_grad(logp_block: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+            with torch.enable_grad():  # an autograd Function's forward runs without it
+                block = logp_block.detach().float().requires_grad_(True)
+                loss, _ = head_loss(_scatter_rows(torch.cat([fill_rows[:r0], block, fill_rows[r1:]]), scored))
+                return torch.autograd.grad(loss, block)[0]
+
+        logp_rows, entropy_rows, anchor = fused_linear_logprob_grad_in_forward(
+            rows, head.weight, targets, token_grad, bias=head.bias, temperature=temperature,
+            return_entropy=return_entropy)
+        logp = _scatter_rows(logp_rows, scored)
+        with torch.no_grad():
+            loss, metrics = head_loss(logp)
+        return (logp, _scatter_rows(entropy_rows, scored) if return_entropy else None,
+                loss.detach() + anchor.to(loss.dtype), metrics)
 
 
 def _truncated_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, top_k: int,

@@ -18,6 +18,7 @@ segment a rollback undoes are marked `discarded`.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -135,7 +136,8 @@ class Trainer:
             apply_activation_checkpointing(lm)
         cache_mb = cfg.kernels.logits_cache_mb
         policy = LogprobModel(lm, kernel_backend=cfg.kernels.backend,
-                              logits_cache_bytes=None if cache_mb is None else int(cache_mb * 2**20))
+                              logits_cache_bytes=None if cache_mb is None else int(cache_mb * 2**20),
+                              head_gradient_in_forward=cfg.kernels.head_gradient_in_forward)
         self.policy = shard_model(policy, decoder_layers(lm),
                                   self.dist, param_dtype=torch.bfloat16 if use_bf16 else None)
         self.policy_loss = algo.get_policy_loss("ppo")
@@ -392,19 +394,28 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         self.optimizer.zero_grad(set_to_none=True)
         skipped_rows = 0
+        # The loss goes into the policy's forward (which may form the LM head's gradient there) unless π_old
+        # must come from that forward first, or a KL term needs the log-probs' own gradient.
+        loss_in_forward = self.ref_policy is None and (mismatch is None or not self._rows_need_old_logp())
         for micro_batch in self._plan_micro_batches(batch):
             mb = batch.select(micro_batch.rows)
+            # Padding rows add their tokens to no sum.
+            mismatch_sums = (None if mismatch is None else mismatch if micro_batch.counted
+                             else algo.mismatch_sums_empty())
             with torch.set_grad_enabled(micro_batch.grad):
-                logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.completion_mask,
-                                            **self._sampling_support, return_entropy=True)
-                if mismatch is not None:  # padding rows add their tokens to no sum
-                    self._apply_old_logp(mb, logp.detach(), mismatch if micro_batch.counted else
-                                         algo.mismatch_sums_empty())
-                pg_loss, pg_metrics = self.policy_loss(
-                    logp, mb.behavior_logp, mb.advantages, mb.completion_mask, cfg.algo, policy_id=mb.policy_id,
-                    norm_length=cfg.rollout.max_new_tokens,
-                    guide_transform=algo.guide_transform(cfg.mix.guide_weighting),
-                    shaping_gamma=cfg.mix.shaping_gamma, backend=cfg.kernels.backend)
+                if loss_in_forward:
+                    logp, entropy, pg_loss, pg_metrics = self.policy(
+                        mb.input_ids, mb.attention_mask, mb.completion_mask, **self._sampling_support,
+                        return_entropy=True, head_loss=functools.partial(self._policy_loss, mb),
+                        fill=mb.behavior_logp)
+                    if mismatch_sums is not None:  # no row's behaviour log-prob changes: the sums only
+                        self._apply_old_logp(mb, logp.detach(), mismatch_sums)
+                else:
+                    logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.completion_mask,
+                                                **self._sampling_support, return_entropy=True)
+                    if mismatch_sums is not None:
+                        self._apply_old_logp(mb, logp.detach(), mismatch_sums)
+                    pg_loss, pg_metrics = self._policy_loss(mb, logp)
                 # FSDP averages gradients over ranks; × world_size turns that mean back into the sum the global
                 # normalizer needs (a single process has world_size 1). Padding micro-batches weigh 0.
                 weight = units[micro_batch.rows].sum() / total_units * self.dist.world_size * micro_batch.counted
@@ -464,6 +475,14 @@ class Trainer:
         out["optim/rows_without_backward"] = float(all_reduce_sum(skipped)[0]) / (batch.input_ids.shape[0]
                                                                                   * self.dist.world_size)
         return out
+
+    def _policy_loss(self, mb: TrainBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The policy-gradient loss of micro-batch `mb` given its log-probs [B, L] (a sum of per-token terms)."""
+        cfg = self.cfg
+        return self.policy_loss(logp, mb.behavior_logp, mb.advantages, mb.completion_mask, cfg.algo,
+                                policy_id=mb.policy_id, norm_length=cfg.rollout.max_new_tokens,
+                                guide_transform=algo.guide_transform(cfg.mix.guide_weighting),
+                                shaping_gamma=cfg.mix.shaping_gamma, backend=cfg.kernels.backend)
 
     def _plan_micro_batches(self, batch: TrainBatch) -> list[algo.MicroBatch]:
         """The micro-batches of one optimizer update (`algo.plan_micro_batches`), with as many forwards with and

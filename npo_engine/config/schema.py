@@ -604,6 +604,12 @@ class KernelConfig:
     fwd+bwd 10.1 s keeping none, 9.6 s with the default (148 MiB), 7.6 s keeping all 594 MiB (a 3-GEMM head:
     0.80x the default's time for 446 MiB more per micro-batch)."""
 
+    head_gradient_in_forward: bool = True
+    """CPU training: form the LM head's gradient in the forward, one block of rows' logits at a time (3 GEMMs
+    per scored token instead of the 4 of a forward and a backward that recomputes the logits; memory: one block
+    of |dW| bytes and dW itself during the forward). Used where the loss is a sum of per-token terms: no KL
+    term, no top-k/top-p truncation, and not in the update whose own forward supplies pi_old."""
+
     def __post_init__(self) -> None:
         _check(self.logits_cache_mb is None or (math.isfinite(self.logits_cache_mb) and self.logits_cache_mb >= 0),
                "kernels.logits_cache_mb", self.logits_cache_mb,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this file
-from trainer_helpers import tiny_config  # noqa: E402
+from trainer_helpers import record_gradients, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("tests_on_path")
 
@@ -18,19 +18,6 @@ COMPARED = ["loss/pg", "entropy/mean", "entropy/on_policy", "pg/clipfrac", "pg/p
             "reward/mean", "optim/grad_norm"]
 
 
-def _record_gradients(trainer) -> list[list[torch.Tensor]]:
-    """The gradients AdamW receives, per optimizer update."""
-    seen: list[list[torch.Tensor]] = []
-    step = trainer.optimizer.step
-
-    def recording(*args, **kwargs):
-        seen.append([p.grad.detach().clone() for p in trainer.policy.parameters()])
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = recording
-    return seen
-
-
 @pytest.mark.parametrize("mini_batches", [1, 4])  # 4: one group per update, so some updates have no gradient
 def test_skipping_zero_advantage_rows_gives_the_same_update(tmp_path, cache_dir, mini_batches):
     from npo_engine import Trainer
@@ -38,7 +25,7 @@ def test_skipping_zero_advantage_rows_gives_the_same_update(tmp_path, cache_dir,
     trainers = {skip: Trainer(tiny_config(cache_dir, *HALF_FLAT, f"optim.mini_batches={mini_batches}",
                                           f"optim.skip_zero_advantage={str(skip).lower()}"),
                               run_dir=tmp_path / f"skip_{skip}") for skip in (True, False)}
-    grads = {skip: _record_gradients(t) for skip, t in trainers.items()}
+    grads = {skip: record_gradients(t) for skip, t in trainers.items()}
     metrics = {skip: t.step() for skip, t in trainers.items()}
 
     assert 0 < metrics[True]["optim/rows_without_backward"] < 1  # the step had both kinds of rows
@@ -48,8 +35,10 @@ def test_skipping_zero_advantage_rows_gives_the_same_update(tmp_path, cache_dir,
     assert len(grads[True]) == len(grads[False]) == mini_batches
     for update_skip, update_all in zip(grads[True], grads[False]):
         for g_skip, g_all in zip(update_skip, update_all):
-            # fp32 sums over differently composed micro-batches: equal up to rounding
-            torch.testing.assert_close(g_skip, g_all, rtol=1e-4, atol=1e-6 * float(g_all.abs().max()) + 1e-12)
+            # Each element sums the step's 64 scored tokens' fp32 terms in an order set by how the micro-batches
+            # (and the LM head's row blocks) are composed: |error| <= 64·u·Σ|terms|, u = 2^-24, and Σ|terms|
+            # stays within a few times the largest gradient here: 2e-5·max|g| bounds it.
+            torch.testing.assert_close(g_skip, g_all, rtol=1e-4, atol=2e-5 * float(g_all.abs().max()) + 1e-12)
     assert any(float(g.abs().max()) > 0 for update in grads[True] for g in update)
     for trainer in trainers.values():
         trainer.close()

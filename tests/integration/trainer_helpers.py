@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import torch
+
 from npo_engine.config import load_config
 
 HERE = Path(__file__).resolve().parent
@@ -44,3 +46,16 @@ def train(cfg, run_dir, **kwargs):
     trainer = Trainer(cfg, run_dir=run_dir, **kwargs)
     trainer.train()
     return trainer
+
+
+def record_gradients(trainer) -> list[list[torch.Tensor]]:
+    """The gradients AdamW receives, per optimizer update (filled as the trainer steps)."""
+    seen: list[list[torch.Tensor]] = []
+    step = trainer.optimizer.step
+
+    def recording(*args, **kwargs):
+        seen.append([p.grad.detach().clone() for p in trainer.policy.parameters()])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording
+    return seen
