@@ -60,7 +60,8 @@ class Worker:
                    PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                    OMP_NUM_THREADS=str(args.threads))
         command = [python, "-m", module, str(model_dir), "--threads", str(args.threads), "--steps",
-                   str(args.steps), "--micro-batch", str(args.micro_batch), "--run-dir", str(work / f"run_{name}")]
+                   str(args.steps), "--micro-batch", str(args.micro_batch), "--run-dir", str(work / f"run_{name}"),
+                   "--checkpointing", args.checkpointing]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, bufsize=1)
@@ -171,6 +172,9 @@ def main() -> None:
     parser.add_argument("--concurrent", action="store_true",
                         help="both engines take each step at the same time (a machine with idle cores to spare: "
                              "halves the wall time; they share memory bandwidth) instead of alternating")
+    parser.add_argument("--checkpointing", choices=["default", "on", "off"], default="default",
+                        help="activation checkpointing of both engines: each one's default (TRL's GRPOConfig: on; "
+                             "this engine: off), or on / off for both")
     parser.add_argument("--prefix", default="cpu", help="results go to benchmarks/results/PREFIX_e2e_grpo.{json,md}")
     args = parser.parse_args()
     if args.steps < 3:
@@ -181,7 +185,7 @@ def main() -> None:
     meta = {"machine": cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": versions[0],
             "trl_env": {"transformers": versions[1], "torch": versions[2]}, "steps": args.steps,
-            "micro_batch": args.micro_batch, "concurrent": args.concurrent, "command": "python -m benchmarks.e2e " + " ".join(sys.argv[1:])}
+            "micro_batch": args.micro_batch, "concurrent": args.concurrent, "checkpointing": args.checkpointing, "command": "python -m benchmarks.e2e " + " ".join(sys.argv[1:])}
     print(f"e2e GRPO step: npo_engine vs TRL {meta['trl']} ({meta['machine']}, {args.threads} threads each, "
           f"{args.steps} alternating steps per shape)", flush=True)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="npo_e2e_"))
@@ -203,7 +207,10 @@ def main() -> None:
             f"TRL {meta['trl']} (its venv: transformers {versions[1]}, torch {versions[2]}).\n"
             f"Workload: random-init 4-layer Qwen2 (hidden 256, intermediate 768, 4 heads of 64, 2 KV heads, tied "
             f"embeddings, fp32), 16 prompts x 8 completions of exactly 32 tokens, one optimizer update per step, "
-            f"micro-batch {args.micro_batch} on both, no KL, no vLLM; {args.steps} steps each, "
+            f"micro-batch {args.micro_batch} on both, no KL, no vLLM; activation checkpointing: "
+            + {"default": "each engine's default (TRL's GRPOConfig: on, this engine: off)",
+               "on": "on in both", "off": "off in both"}[args.checkpointing]
+            + f"; {args.steps} steps each, "
             + ("both engines stepping at the same time on their own cores" if args.concurrent
                else "alternating step by step") + f", medians of steps 3..{args.steps}. Peak memory: each process's VmHWM over the steps.\n\n"
             f"Command: `{meta['command']}`\n\n{text}\n\n{profile}\n")

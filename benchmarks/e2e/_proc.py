@@ -31,6 +31,8 @@ def worker_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--micro-batch", type=int, required=True)
     parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--checkpointing", choices=["default", "on", "off"], default="default",
+                        help="activation (gradient) checkpointing: the engine's own default, or set")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     return args

@@ -51,8 +51,10 @@ def main() -> None:
     import npo_engine
     from npo_engine import Trainer, load_config
 
-    trainer = Trainer(load_config(None, npo_overrides(args.model_dir, args.threads, args.steps, args.micro_batch)),
-                      run_dir=args.run_dir, overwrite=True)
+    overrides = npo_overrides(args.model_dir, args.threads, args.steps, args.micro_batch)
+    if args.checkpointing != "default":
+        overrides.append(f"model.activation_checkpointing={str(args.checkpointing == 'on').lower()}")
+    trainer = Trainer(load_config(None, overrides), run_dir=args.run_dir, overwrite=True)
     _proc.send(event="ready", engine="npo_engine", version=getattr(npo_engine, "__version__", "?"),
                torch=torch.__version__, threads=torch.get_num_threads(), rss_bytes=_proc.status_bytes("VmRSS"))
     peak_since = _proc.reset_peak()

@@ -60,6 +60,8 @@ def main() -> None:
         seed=0,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        # GRPOConfig's own default is on; the driver may set it for both engines
+        **({} if args.checkpointing == "default" else {"gradient_checkpointing": args.checkpointing == "on"}),
     )
 
     class Stepper(TrainerCallback):
