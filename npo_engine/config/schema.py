@@ -597,18 +597,20 @@ class KernelConfig:
     backend: Literal["auto", "triton", "torch"] = "auto"
     """auto = Triton on CUDA, memory-efficient PyTorch on CPU; torch = the readable references."""
     logits_cache_mb: float | None = None
-    """CPU training: MiB of the LM head's logits tiles the forward keeps for the backward instead of recomputing
-    them there (per micro-batch; its logits are micro-batch tokens x vocabulary x 4 bytes). null = as many as the
+    """CPU training, where the LM head's gradient is not formed in the forward (head_gradient_in_forward): MiB of
+    the LM head's logits tiles the forward keeps for the backward instead of recomputing them there (per
+    micro-batch; its logits are micro-batch tokens x vocabulary x 4 bytes). null = as many as the
     head's weight gradient takes, which the backward needs anyway, so no extra peak memory. Measured at 1024
     tokens x vocabulary 151936 x hidden 256 (one e2e micro-batch; benchmarks/results/cpu_logits_cache.md):
-    fwd+bwd 10.1 s keeping none, 9.6 s with the default (148 MiB), 7.6 s keeping all 594 MiB (a 3-GEMM head:
-    0.80x the default's time for 446 MiB more per micro-batch)."""
-
+    fwd+bwd 3.81 s keeping none, 3.61 s with the default (148 MiB), 3.07 s keeping all 594 MiB (a 3-GEMM head:
+    0.85x the default's time for 446 MiB more per micro-batch)."""
     head_gradient_in_forward: bool = True
     """CPU training: form the LM head's gradient in the forward, one block of rows' logits at a time (3 GEMMs
     per scored token instead of the 4 of a forward and a backward that recomputes the logits; memory: one block
     of |dW| bytes and dW itself during the forward). Used where the loss is a sum of per-token terms: no KL
-    term, no top-k/top-p truncation, and not in the update whose own forward supplies pi_old."""
+    term, no top-k/top-p truncation, and not in the update whose own forward supplies pi_old. Measured at 1024
+    tokens x vocabulary 151936 x hidden 256 (benchmarks/results/cpu_logits_cache.md): fwd+bwd 2.95 s against
+    3.61 s with the tile cache's default (0.82x), and 3.07 s keeping all 594 MiB of tiles."""
 
     def __post_init__(self) -> None:
         _check(self.logits_cache_mb is None or (math.isfinite(self.logits_cache_mb) and self.logits_cache_mb >= 0),
