@@ -383,7 +383,7 @@ def test_grad_in_forward_of_a_nonlinear_separable_loss_float64():
 
 
 def test_grad_in_forward_scales_by_the_anchor_gradient_and_hands_it_on_once():
-    hidden, weight, bias, targets = make_case(6, 8, 50, bias=False, seed=25)
+    hidden, weight, _, targets = make_case(6, 8, 50, bias=False, seed=25)
     g = torch.randn(6, generator=torch.Generator().manual_seed(26))
     once = grad_in_forward(hidden, weight, None, targets, g)
     thrice = grad_in_forward(hidden, weight, None, targets, g, scale=3.0)
