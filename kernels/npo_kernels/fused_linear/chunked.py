@@ -257,7 +257,7 @@ def fused_linear_logprob_grads(hidden: torch.Tensor, weight: torch.Tensor, bias:
     cdt, dev = compute_dtype(hidden.dtype), hidden.device
     scale = LOG2E / temperature
     inv_t = 1.0 / temperature
-    rows = max(1, min(num_rows, block_bytes // max(1, n_cols * torch.empty(0, dtype=cdt).element_size())))
+    rows = max(1, min(num_rows, block_bytes // (n_cols * (torch.finfo(cdt).bits // 8))))  # rows per block
     valid = targets >= 0
     zero = hidden.new_zeros((), dtype=cdt)
     logp = torch.zeros(num_rows, dtype=cdt, device=dev)
@@ -307,7 +307,7 @@ def fused_linear_logprob_grads(hidden: torch.Tensor, weight: torch.Tensor, bias:
                 dw32.addmm_(dz.T, x_c)
         if needs_db:
             db32 += dz.sum(dim=0)
-    empty = hidden.new_empty(0)
-    return (logp, entropy, dx.to(hidden.dtype) if needs_dx else empty,
+    # Distinct empty tensors for the gradients not needed, as in the backward above.
+    return (logp, entropy, dx.to(hidden.dtype) if needs_dx else hidden.new_empty(0),
             dw32.to(weight.dtype) if needs_dw else hidden.new_empty(0),
             db32.to(bias.dtype) if needs_db else hidden.new_empty(0))
