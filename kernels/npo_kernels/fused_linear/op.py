@@ -8,6 +8,8 @@ Layers, bottom up:
     npo_kernels::fused_linear_logprob_fwd / _bwd   torch.library custom ops around either, with fake impls
     FusedLinearLogprobFunction             autograd: saves hidden, weight, bias (no copies), per-row lse, mu
     fused_linear_logprob                   validation and dispatch; backend="torch" is the reference itself
+    fused_linear_logprob_grad_in_forward   CPU only, for a loss that is a sum of per-row terms: the gradient
+                                           formed in the forward (chunked.fused_linear_logprob_grads, 3 GEMMs)
 
 No [N, V] tensor exists in the forward or the backward of the chunked and Triton paths: the backward
 recomputes each tile's logits from hidden and weight (4 GEMMs in all instead of the unfused 3; kernels.md
