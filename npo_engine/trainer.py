@@ -394,9 +394,11 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         self.optimizer.zero_grad(set_to_none=True)
         skipped_rows = 0
-        # The loss goes into the policy's forward (which may form the LM head's gradient there) unless π_old
-        # must come from that forward first, or a KL term needs the log-probs' own gradient.
-        loss_in_forward = self.ref_policy is None and (mismatch is None or not self._rows_need_old_logp())
+        # The loss goes into the policy's forward (which may form the LM head's gradient there) unless a KL term
+        # needs the log-probs' own gradient. Where that forward also supplies π_old, the loss takes it from the
+        # log-probs it is given: π_old of a token is its own log-prob, so the loss stays a sum of per-token terms.
+        loss_in_forward = self.ref_policy is None
+        head_loss = self._policy_loss if mismatch is None else self._policy_loss_at_old_logp
         for micro_batch in self._plan_micro_batches(batch):
             mb = batch.select(micro_batch.rows)
             # Padding rows add their tokens to no sum.
@@ -406,9 +408,8 @@ class Trainer:
                 if loss_in_forward:
                     logp, entropy, pg_loss, pg_metrics = self.policy(
                         mb.input_ids, mb.attention_mask, mb.completion_mask, **self._sampling_support,
-                        return_entropy=True, head_loss=functools.partial(self._policy_loss, mb),
-                        fill=mb.behavior_logp)
-                    if mismatch_sums is not None:  # no row's behaviour log-prob changes: the sums only
+                        return_entropy=True, head_loss=functools.partial(head_loss, mb), fill=mb.behavior_logp)
+                    if mismatch_sums is not None:
                         self._apply_old_logp(mb, logp.detach(), mismatch_sums)
                 else:
                     logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.completion_mask,
@@ -483,6 +484,14 @@ class Trainer:
                                 policy_id=mb.policy_id, norm_length=cfg.rollout.max_new_tokens,
                                 guide_transform=algo.guide_transform(cfg.mix.guide_weighting),
                                 shaping_gamma=cfg.mix.shaping_gamma, backend=cfg.kernels.backend)
+
+    def _policy_loss_at_old_logp(self, mb: TrainBatch, logp: torch.Tensor
+                                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`_policy_loss` with π_old = `logp` (detached): the step's first update, whose own forward supplies
+        it. Behaviour log-probs and per-token weights are set on a copy of `mb` (`_apply_old_logp`)."""
+        at_old = copy.copy(mb)
+        self._apply_old_logp(at_old, logp.detach(), algo.mismatch_sums_empty())
+        return self._policy_loss(at_old, logp)
 
     def _plan_micro_batches(self, batch: TrainBatch) -> list[algo.MicroBatch]:
         """The micro-batches of one optimizer update (`algo.plan_micro_batches`), with as many forwards with and

@@ -608,7 +608,7 @@ class KernelConfig:
     """CPU training: form the LM head's gradient in the forward, one block of rows' logits at a time (3 GEMMs
     per scored token instead of the 4 of a forward and a backward that recomputes the logits; memory: one block
     of |dW| bytes and dW itself during the forward). Used where the loss is a sum of per-token terms: no KL
-    term, no top-k/top-p truncation, and not in the update whose own forward supplies pi_old. Measured at 1024
+    term and no top-k/top-p truncation (pi_old, where that forward supplies it, is per token too). Measured at 1024
     tokens x vocabulary 151936 x hidden 256 (benchmarks/results/cpu_logits_cache.md): fwd+bwd 2.95 s against
     3.61 s with the tile cache's default (0.82x), and 3.07 s keeping all 594 MiB of tiles."""
 

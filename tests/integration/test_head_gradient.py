@@ -1,7 +1,8 @@
 """The LM head's gradient formed in the forward (`kernels.head_gradient_in_forward`) gives the update of the
 ordinary forward and backward: the same gradients into AdamW and the same metrics, in each update path that
-uses it (engine log-probs with one update, and π_old recomputed before several updates); and it is bypassed
-where the loss is not a sum of per-token terms (a KL term)."""
+uses it (engine log-probs with one update, π_old from the update's own forward with and without a mismatch
+correction, π_old recomputed before several updates); and it is bypassed where the loss is not a sum of
+per-token terms (a KL term)."""
 
 import sys
 from pathlib import Path
@@ -17,6 +18,9 @@ pytestmark = pytest.mark.usefixtures("tests_on_path")
 COMPARED = ["loss/pg", "entropy/mean", "pg/clipfrac", "pg/ppo_kl", "pg/ratio_mean", "reward/mean",
             "mismatch/logp_abs", "optim/grad_norm"]
 PATHS = {"engine-logp, one update": ["rollout.behavior_logp=engine", "optim.mini_batches=1"],
+         "pi_old from the update's own forward": ["rollout.behavior_logp=recompute", "optim.mini_batches=1"],
+         "pi_old from its forward, TIS": ["rollout.behavior_logp=recompute", "optim.mini_batches=1",
+                                          "algo.mismatch_correction=tis"],
          "recomputed pi_old, four updates": ["rollout.behavior_logp=recompute", "optim.mini_batches=4"],
          "KL term (bypassed)": ["algo.kl_coef=0.05", "optim.mini_batches=1"]}
 
