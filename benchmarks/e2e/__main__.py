@@ -17,6 +17,8 @@ How it is measured:
 - `--concurrent` (for a dedicated machine with cores to spare): both take each step at the same time, on
   their own threads; they still share the memory bandwidth, which the table's note then says.
 - Same micro-batch on both sides (`--micro-batch`, default 32: 4 backward passes per update).
+- Activation checkpointing: each engine's default (TRL's `GRPOConfig` turns it on, this engine leaves it off),
+  or `--checkpointing on|off` for both alike.
 
 TRL runs from a separate virtual environment, never the system one:
     python3.11 -m venv /work/venvs/trl && /work/venvs/trl/bin/pip install torch==2.13.0 trl \\
