@@ -84,11 +84,14 @@ class TrainBatch:
 
     def rows(self, start: int, stop: int) -> TrainBatch:
         """Rows [start, stop) as views (writes to `row_entropy` reach this batch)."""
-        return TrainBatch(**{name: None if value is None else value[start:stop] for name, value in vars(self).items()})
+        return self._index(slice(start, stop))
 
     def select(self, index: torch.Tensor) -> TrainBatch:
         """The rows of `index` ([n] int64) as copies."""
-        return TrainBatch(**{name: None if value is None else value[index] for name, value in vars(self).items()})
+        return self._index(index)
+
+    def _index(self, key: slice | torch.Tensor) -> TrainBatch:
+        return TrainBatch(**{name: None if value is None else value[key] for name, value in vars(self).items()})
 
 
 class Trainer:
@@ -135,9 +138,11 @@ class Trainer:
         if cfg.model.activation_checkpointing:
             apply_activation_checkpointing(lm)
         cache_mb = cfg.kernels.logits_cache_mb
+        # A KL term needs the log-probs' own gradient, which the head's gradient formed in the forward does not give.
+        grad_in_forward = cfg.kernels.head_gradient_in_forward and self.ref_policy is None
         policy = LogprobModel(lm, kernel_backend=cfg.kernels.backend,
                               logits_cache_bytes=None if cache_mb is None else int(cache_mb * 2**20),
-                              head_gradient_in_forward=cfg.kernels.head_gradient_in_forward)
+                              head_gradient_in_forward=grad_in_forward)
         self.policy = shard_model(policy, decoder_layers(lm),
                                   self.dist, param_dtype=torch.bfloat16 if use_bf16 else None)
         self.policy_loss = algo.get_policy_loss("ppo")
@@ -348,8 +353,11 @@ class Trainer:
     def _rows_need_old_logp(self) -> bool:
         """Whether some row's behaviour log-prob or weight comes from π_old (see `update`)."""
         cfg = self.cfg
-        return (cfg.rollout.behavior_logp == "recompute" or cfg.mix.mode == "rlep"
-                or (cfg.mix.mode != "none" and algo.needs_old_logp(cfg.mix.guide_weighting)))
+        return cfg.rollout.behavior_logp == "recompute" or cfg.mix.mode == "rlep" or self._guides_need_old_logp()
+
+    def _guides_need_old_logp(self) -> bool:
+        """Whether the guide rows' ratio or weight needs π_old (mode none has no guide rows)."""
+        return self.cfg.mix.mode != "none" and algo.needs_old_logp(self.cfg.mix.guide_weighting)
 
     def _apply_old_logp(self, batch: TrainBatch, old_logp: torch.Tensor, mismatch: dict[str, float]) -> None:
         """Set `batch`'s behaviour log-probs and per-token advantages from π_old ([B, L], no gradient) by each
@@ -359,8 +367,8 @@ class Trainer:
         engine_logp = batch.behavior_logp
         on_policy = (batch.policy_id == ON_POLICY)[:, None]
         replayed = batch.replayed[:, None]
-        recompute_guides = cfg.mix.mode != "none" and algo.needs_old_logp(guide_is)
-        rows = (on_policy & (cfg.rollout.behavior_logp == "recompute")) | (~on_policy & recompute_guides) | replayed
+        rows = ((on_policy & (cfg.rollout.behavior_logp == "recompute")) | (~on_policy & self._guides_need_old_logp())
+                | replayed)
         batch.behavior_logp = torch.where(rows, old_logp, engine_logp)
         token_weights = torch.ones_like(old_logp)
         if guide_is == "decoupled":
@@ -394,10 +402,9 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         self.optimizer.zero_grad(set_to_none=True)
         skipped_rows = 0
-        # The loss goes into the policy's forward (which may form the LM head's gradient there) unless a KL term
-        # needs the log-probs' own gradient. Where that forward also supplies π_old, the loss takes it from the
-        # log-probs it is given: π_old of a token is its own log-prob, so the loss stays a sum of per-token terms.
-        loss_in_forward = self.ref_policy is None
+        # The loss goes into the policy's forward, which may form the LM head's gradient there. Where that forward
+        # also supplies π_old, the loss takes it from the log-probs it is given: π_old of a token is its own
+        # log-prob, so the loss stays a sum of per-token terms.
         head_loss = self._policy_loss if mismatch is None else self._policy_loss_at_old_logp
         for micro_batch in self._plan_micro_batches(batch):
             mb = batch.select(micro_batch.rows)
@@ -405,18 +412,11 @@ class Trainer:
             mismatch_sums = (None if mismatch is None else mismatch if micro_batch.counted
                              else algo.mismatch_sums_empty())
             with torch.set_grad_enabled(micro_batch.grad):
-                if loss_in_forward:
-                    logp, entropy, pg_loss, pg_metrics = self.policy(
-                        mb.input_ids, mb.attention_mask, mb.completion_mask, **self._sampling_support,
-                        return_entropy=True, head_loss=functools.partial(head_loss, mb), fill=mb.behavior_logp)
-                    if mismatch_sums is not None:
-                        self._apply_old_logp(mb, logp.detach(), mismatch_sums)
-                else:
-                    logp, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.completion_mask,
-                                                **self._sampling_support, return_entropy=True)
-                    if mismatch_sums is not None:
-                        self._apply_old_logp(mb, logp.detach(), mismatch_sums)
-                    pg_loss, pg_metrics = self._policy_loss(mb, logp)
+                logp, entropy, pg_loss, pg_metrics = self.policy(
+                    mb.input_ids, mb.attention_mask, mb.completion_mask, **self._sampling_support,
+                    return_entropy=True, head_loss=functools.partial(head_loss, mb), fill=mb.behavior_logp)
+                if mismatch_sums is not None:
+                    self._apply_old_logp(mb, logp.detach(), mismatch_sums)
                 # FSDP averages gradients over ranks; × world_size turns that mean back into the sum the global
                 # normalizer needs (a single process has world_size 1). Padding micro-batches weigh 0.
                 weight = units[micro_batch.rows].sum() / total_units * self.dist.world_size * micro_batch.counted
